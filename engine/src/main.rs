@@ -1,0 +1,293 @@
+//! `outbox`: migrate the schema, run a relay node, show status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use outbox_engine::cluster::node::Node;
+use outbox_engine::cluster::Member;
+use outbox_engine::config::{Config, DatabaseUrl};
+use outbox_engine::sink::kafka::KafkaSink;
+use outbox_engine::sink::Sink;
+use outbox_engine::store::leases::PgLeaseStore;
+use outbox_engine::store::schema::{self, MigrateOutcome};
+use outbox_engine::store::source::PgSource;
+use outbox_engine::store::{self as pgstore, Names};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "outbox",
+    version,
+    about = "Transactional outbox relay: PostgreSQL to Kafka"
+)]
+struct Cli {
+    /// TOML configuration file; flags and environment override it.
+    #[arg(long, global = true, env = "OUTBOX_CONFIG")]
+    config: Option<PathBuf>,
+    /// PostgreSQL URL.
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Schema of the outbox tables.
+    #[arg(long, global = true, env = "OUTBOX_SCHEMA")]
+    schema: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, env = "OUTBOX_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the outbox schema (idempotent).
+    Migrate {
+        /// Number of hash partitions of the outbox.
+        #[arg(long, env = "OUTBOX_PARTITIONS")]
+        partitions: u32,
+    },
+    /// Run a relay node until SIGTERM or SIGINT.
+    Run(RunArgs),
+    /// Show partitions, owners and backlog.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every this many seconds until interrupted.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<f64>,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// This node's id, unique among live nodes (default: the host name).
+    #[arg(long, env = "OUTBOX_NODE_ID")]
+    node_id: Option<String>,
+    /// Kafka bootstrap servers, host:port[,host:port].
+    #[arg(long, env = "KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// Prefix of default topic names (`<prefix><aggregate_type>`).
+    #[arg(long, env = "OUTBOX_TOPIC_PREFIX")]
+    topic_prefix: Option<String>,
+    /// Partitions of topics the engine creates.
+    #[arg(long)]
+    topic_partitions: Option<i32>,
+    /// Events per fetch and send.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Batches per partition in flight at once.
+    #[arg(long)]
+    max_inflight_batches: Option<usize>,
+    /// Idle wait between fetches of a partition with nothing to publish.
+    #[arg(long)]
+    poll_interval_ms: Option<u64>,
+    /// Lease time to live.
+    #[arg(long)]
+    lease_ttl_ms: Option<u64>,
+    /// Lease renewal and rebalancing interval.
+    #[arg(long)]
+    heartbeat_interval_ms: Option<u64>,
+    /// How long a graceful stop may take.
+    #[arg(long)]
+    shutdown_timeout_ms: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(2),
+            };
+        }
+    };
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// File, then environment and flags over it.
+fn load_config(cli: &Cli) -> Result<Config> {
+    let mut config = match &cli.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(url) = &cli.database_url {
+        config.database.url = DatabaseUrl::new(url.clone());
+    }
+    if let Some(schema) = &cli.schema {
+        config.database.schema = schema.clone();
+    }
+    if let Command::Run(args) = &cli.command {
+        let set = |slot: &mut _, v: &Option<_>| {
+            if let Some(v) = v {
+                *slot = Clone::clone(v);
+            }
+        };
+        set(&mut config.cluster.node_id, &args.node_id);
+        set(&mut config.kafka.brokers, &args.kafka_brokers);
+        set(&mut config.kafka.topic_prefix, &args.topic_prefix);
+        if let Some(v) = args.topic_partitions {
+            config.kafka.topic_partitions = v;
+        }
+        macro_rules! overlay {
+            ($($field:ident => $section:ident),*) => {
+                $( if let Some(v) = args.$field { config.$section.$field = v; } )*
+            };
+        }
+        overlay!(batch_size => relay, max_inflight_batches => relay, poll_interval_ms => relay,
+                 shutdown_timeout_ms => relay, lease_ttl_ms => cluster, heartbeat_interval_ms => cluster);
+        config.validate()?;
+    } else {
+        config.database.connect_options()?;
+        outbox_engine::config::validate_identifier("database.schema", &config.database.schema)?;
+    }
+    Ok(config)
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    let config = load_config(&cli)?;
+    let names = Names::new(&config.database.schema)?;
+    match cli.command {
+        Command::Migrate { partitions } => {
+            let pool = pgstore::connect(&config.database, 2).await?;
+            let mut conn = pool.acquire().await.context("database")?;
+            match schema::migrate(&mut conn, &names.schema, partitions).await? {
+                MigrateOutcome::Created => {
+                    println!(
+                        "outbox ready in schema {} with {partitions} partitions",
+                        names.schema
+                    )
+                }
+                MigrateOutcome::AlreadyCurrent => println!(
+                    "outbox in schema {} already has {partitions} partitions; nothing to do",
+                    names.schema
+                ),
+            }
+            Ok(())
+        }
+        Command::Status { json, watch } => {
+            let pool = pgstore::connect(&config.database, 2).await?;
+            let partitions = pgstore::partitions(&pool, &names).await?;
+            loop {
+                let status = pgstore::status::read(&pool, &names, partitions).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    if watch.is_some() {
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    print!("{}", status.render());
+                }
+                let Some(secs) = watch else { return Ok(()) };
+                let period = std::time::Duration::try_from_secs_f64(secs.max(0.1))
+                    .map_err(|e| anyhow!("--watch: {e}"))?;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = tokio::time::sleep(period) => {}
+                }
+            }
+        }
+        Command::Run(_) => run(config, names).await,
+    }
+}
+
+async fn run(config: Config, names: Names) -> Result<()> {
+    let pool = pgstore::connect(&config.database, config.database.max_connections).await?;
+    let partitions = pgstore::partitions(&pool, &names).await?;
+    let sink = KafkaSink::new(&config.kafka)?;
+    sink.check().await.map_err(|e| {
+        anyhow!(
+            "cannot reach Kafka brokers at {}: {e}",
+            config.kafka.brokers
+        )
+    })?;
+    let sink = Arc::new(sink);
+    let member = Member {
+        node_id: config.cluster.node_id.clone(),
+        incarnation: Uuid::now_v7(),
+    };
+    tracing::info!(node = %member.node_id, partitions, brokers = %config.kafka.brokers, "starting relay node");
+    let node = Node {
+        member,
+        source: Arc::new(PgSource::new(pool.clone(), &names, partitions)),
+        sink: Arc::clone(&sink),
+        leases: Arc::new(PgLeaseStore::new(pool.clone(), &names)),
+        relay: config.relay.clone(),
+        cluster: config.cluster.clone(),
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    node.run(shutdown).await?;
+    let flush = sink.clone();
+    tokio::task::spawn_blocking(move || flush.flush(std::time::Duration::from_secs(5)))
+        .await?
+        .map_err(|e| anyhow!("flushing the producer: {e}"))?;
+    pool.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            tracing::error!("cannot install signal handlers");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+    shutdown.cancel();
+}

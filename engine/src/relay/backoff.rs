@@ -1,0 +1,74 @@
+//! Exponential backoff with full jitter, so that workers that failed
+//! together do not retry together.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max: max.max(min),
+            attempt: 0,
+        }
+    }
+
+    /// The ceiling of the next wait: min × 2^attempt, capped at max.
+    pub fn ceiling(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
+        self.min.saturating_mul(factor).min(self.max)
+    }
+
+    /// The next wait, drawn between min and the ceiling.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        let lo = self.min.as_micros() as u64;
+        let hi = (ceiling.as_micros() as u64).max(lo);
+        Duration::from_micros(rand::thread_rng().gen_range(lo..=hi))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut ceilings = vec![];
+        for _ in 0..8 {
+            ceilings.push(b.ceiling().as_millis());
+            let d = b.next_delay();
+            assert!(d >= Duration::from_millis(100) && d <= Duration::from_secs(2));
+        }
+        assert_eq!(ceilings, vec![100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        b.reset();
+        assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn huge_attempt_counts_do_not_overflow() {
+        let mut b = Backoff::new(Duration::from_millis(1), Duration::from_secs(1));
+        for _ in 0..100 {
+            b.next_delay();
+        }
+        assert_eq!(b.ceiling(), Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,252 @@
+//! The loop that relays one partition while its claim holds.
+//!
+//! Fetch a batch (leaving out what is in flight), hand it to the sink, and
+//! fetch the next while the broker works, up to `max_inflight_batches`.
+//! Batches complete oldest first; each is acknowledged to the source (with
+//! the claim's epoch) only for the events the broker acknowledged. Failed
+//! events stay in the source and are fetched again after a backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::relay::backoff::Backoff;
+use crate::relay::window::{settle, Window};
+use crate::relay::{Ack, Claim, EventSource};
+use crate::sink::{Delivery, DeliveryReport, Sink};
+
+/// Why a worker stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Asked to stop; everything in flight was settled first.
+    Drained,
+    /// The store refused an acknowledgement: another owner has the partition.
+    Fenced,
+    /// The claim was revoked (lease lost); in-flight batches were abandoned.
+    Revoked,
+}
+
+/// The signals a worker obeys.
+#[derive(Debug, Clone, Default)]
+pub struct Signals {
+    /// Stop fetching, settle what is in flight, then exit.
+    pub stop: CancellationToken,
+    /// Exit now, acknowledging nothing more.
+    pub revoke: CancellationToken,
+}
+
+/// Running totals of one worker, for logs and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    pub published: u64,
+    pub failed: u64,
+    pub batches: u64,
+}
+
+pub struct Worker<S, K> {
+    claim: Claim,
+    source: Arc<S>,
+    sink: Arc<K>,
+    config: RelayConfig,
+    totals: Totals,
+    backoff: Backoff,
+    deleted_since_vacuum: u64,
+    last_vacuum: Instant,
+    vacuum: Option<JoinHandle<()>>,
+}
+
+impl<S: EventSource, K: Sink> Worker<S, K> {
+    pub fn new(claim: Claim, source: Arc<S>, sink: Arc<K>, config: RelayConfig) -> Self {
+        let backoff = Backoff::new(
+            Duration::from_millis(config.retry_backoff_min_ms),
+            Duration::from_millis(config.retry_backoff_max_ms),
+        );
+        Self {
+            claim,
+            source,
+            sink,
+            config,
+            totals: Totals::default(),
+            backoff,
+            deleted_since_vacuum: 0,
+            last_vacuum: Instant::now(),
+            vacuum: None,
+        }
+    }
+
+    /// Relays until told to stop or the claim is lost.
+    pub async fn run(mut self, signals: Signals) -> (Exit, Totals) {
+        let exit = self.relay(&signals).await;
+        tracing::info!(
+            partition = self.claim.partition,
+            epoch = self.claim.epoch,
+            ?exit,
+            published = self.totals.published,
+            "partition worker stopped"
+        );
+        (exit, self.totals)
+    }
+
+    async fn relay(&mut self, signals: &Signals) -> Exit {
+        let partition = self.claim.partition;
+        let mut window: Window<Delivery> = Window::new(self.config.max_inflight_batches);
+        // When the next fetch may run; pushed out when idle or backing off.
+        let mut next_fetch = Instant::now();
+        loop {
+            if signals.revoke.is_cancelled() {
+                return Exit::Revoked;
+            }
+            let stopping = signals.stop.is_cancelled();
+            if stopping && window.is_empty() {
+                return Exit::Drained;
+            }
+            if !stopping && !window.is_full() && Instant::now() >= next_fetch {
+                let fetched = tokio::select! {
+                    biased;
+                    _ = signals.revoke.cancelled() => return Exit::Revoked,
+                    r = self.source.fetch(&self.claim, self.config.batch_size, window.positions()) => r,
+                };
+                match fetched {
+                    Ok(events) if events.is_empty() => {
+                        next_fetch = Instant::now() + self.config.poll_interval();
+                    }
+                    Ok(events) => {
+                        let full = events.len() >= self.config.batch_size;
+                        match self.sink.send(&events).await {
+                            Ok(delivery) => {
+                                window.push(&events, delivery);
+                                self.totals.batches += 1;
+                                if !full {
+                                    // Caught up: give writers a moment.
+                                    next_fetch = Instant::now() + self.config.poll_interval();
+                                }
+                            }
+                            Err(error) => {
+                                let delay = self.backoff.next_delay();
+                                tracing::warn!(partition, %error, retry_in = ?delay, "could not send batch");
+                                next_fetch = Instant::now() + delay;
+                            }
+                        }
+                        continue;
+                    }
+                    Err(error) => {
+                        let delay = self.backoff.next_delay();
+                        tracing::warn!(partition, %error, retry_in = ?delay, "fetch failed");
+                        next_fetch = Instant::now() + delay;
+                    }
+                }
+            }
+
+            // Wait for the oldest batch, the next fetch, or a signal.
+            let may_fetch_later = !stopping && !window.is_full();
+            tokio::select! {
+                biased;
+                _ = signals.revoke.cancelled() => return Exit::Revoked,
+                report = async {
+                    match window.front_mut() {
+                        Some(b) => (&mut b.delivery).await,
+                        None => std::future::pending().await,
+                    }
+                }, if !window.is_empty() => {
+                    let Some(batch) = window.pop_front() else { continue };
+                    let report = report.unwrap_or_else(|e| DeliveryReport {
+                        failed: batch.ids.iter().map(|id| (*id, e.clone())).collect(),
+                    });
+                    let settled = settle(&batch.positions, &batch.ids, report);
+                    if let Some((_, error)) = settled.failed.first() {
+                        let delay = self.backoff.next_delay();
+                        tracing::warn!(
+                            partition,
+                            failed = settled.failed.len(),
+                            %error,
+                            retry_in = ?delay,
+                            "broker did not acknowledge events; they stay in the outbox"
+                        );
+                        self.totals.failed += settled.failed.len() as u64;
+                        next_fetch = next_fetch.max(Instant::now() + delay);
+                    } else {
+                        self.backoff.reset();
+                    }
+                    if !settled.acked.is_empty() {
+                        match self.acknowledge(&settled.acked, signals).await {
+                            Some(exit) => return exit,
+                            None => self.totals.published += settled.acked.len() as u64,
+                        }
+                    }
+                    self.maybe_vacuum();
+                }
+                _ = signals.stop.cancelled(), if !stopping => {}
+                _ = tokio::time::sleep_until(next_fetch), if may_fetch_later => {}
+            }
+        }
+    }
+
+    /// Acknowledges `positions`, retrying while the store is unreachable.
+    /// Returns an exit if the worker must stop.
+    async fn acknowledge(&mut self, positions: &[i64], signals: &Signals) -> Option<Exit> {
+        let mut backoff = self.backoff.clone();
+        backoff.reset();
+        loop {
+            let result = tokio::select! {
+                biased;
+                _ = signals.revoke.cancelled() => return Some(Exit::Revoked),
+                r = self.source.acknowledge(&self.claim, positions) => r,
+            };
+            match result {
+                Ok(Ack::Done { removed }) => {
+                    self.deleted_since_vacuum += removed;
+                    return None;
+                }
+                Ok(Ack::Fenced) => {
+                    tracing::warn!(
+                        partition = self.claim.partition,
+                        epoch = self.claim.epoch,
+                        "acknowledgement refused: the partition has a newer owner"
+                    );
+                    return Some(Exit::Fenced);
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(partition = self.claim.partition, %error, retry_in = ?delay, "acknowledgement failed");
+                    tokio::select! {
+                        _ = signals.revoke.cancelled() => return Some(Exit::Revoked),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts a vacuum of the partition in the background when enough was
+    /// deleted since the last one, so dead rows do not pile up.
+    fn maybe_vacuum(&mut self) {
+        if self.vacuum.as_ref().is_some_and(|v| !v.is_finished()) || self.deleted_since_vacuum == 0
+        {
+            return;
+        }
+        let interval = self.config.vacuum_interval_ms;
+        let due = self.deleted_since_vacuum >= self.config.vacuum_threshold_rows
+            || (interval > 0 && self.last_vacuum.elapsed() >= Duration::from_millis(interval));
+        if !due {
+            return;
+        }
+        let source = Arc::clone(&self.source);
+        let partition = self.claim.partition;
+        let deleted = self.deleted_since_vacuum;
+        self.deleted_since_vacuum = 0;
+        self.last_vacuum = Instant::now();
+        self.vacuum = Some(tokio::spawn(async move {
+            let started = Instant::now();
+            match source.maintain(partition).await {
+                Ok(()) => {
+                    tracing::debug!(partition, deleted, took = ?started.elapsed(), "vacuumed")
+                }
+                Err(error) => tracing::warn!(partition, %error, "vacuum failed"),
+            }
+        }));
+    }
+}

@@ -1,0 +1,149 @@
+//! How an outbox event maps to a message: topic, key and headers. Pure, so
+//! every sink routes alike and the rules are tested without a broker.
+
+use std::borrow::Cow;
+
+use crate::config::is_valid_topic_chars;
+use crate::error::SinkError;
+use crate::event::OutboxEvent;
+
+/// Header carrying the event id, for consumer-side deduplication.
+pub const HEADER_ID: &str = "id";
+pub const HEADER_EVENT_TYPE: &str = "event_type";
+pub const HEADER_AGGREGATE_TYPE: &str = "aggregate_type";
+
+/// Longest topic name Kafka accepts.
+pub const MAX_TOPIC_LEN: usize = 249;
+
+/// The topic of an event: its own override, else `<prefix><aggregate_type>`
+/// (Debezium's outbox convention with the default prefix `outbox.event.`).
+pub fn topic<'a>(event: &'a OutboxEvent, prefix: &str) -> Cow<'a, str> {
+    match &event.topic {
+        Some(t) => Cow::Borrowed(t),
+        None => Cow::Owned(format!("{prefix}{}", event.aggregate_type)),
+    }
+}
+
+/// Whether Kafka would accept `name` as a topic.
+pub fn check_topic(name: &str) -> Result<(), SinkError> {
+    if name.is_empty() || name.len() > MAX_TOPIC_LEN || name == "." || name == ".." {
+        return Err(SinkError::Permanent(format!(
+            "invalid topic name {name:?}: must be 1-{MAX_TOPIC_LEN} characters and not . or .."
+        )));
+    }
+    if !is_valid_topic_chars(name) {
+        return Err(SinkError::Permanent(format!(
+            "invalid topic name {name:?}: only letters, digits, '.', '_' and '-' are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// A message header, borrowed from the event where it can be.
+pub type Header<'a> = (Cow<'a, str>, Cow<'a, str>);
+
+/// The message headers of an event: `id`, `event_type`, `aggregate_type`,
+/// then the row's own headers in key order (jsonb keeps no other). Row headers cannot
+/// override the engine's three.
+pub fn headers(event: &OutboxEvent) -> Result<Vec<Header<'_>>, SinkError> {
+    let mut out = Vec::with_capacity(3);
+    out.push((Cow::Borrowed(HEADER_ID), Cow::Owned(event.id.to_string())));
+    out.push((
+        Cow::Borrowed(HEADER_EVENT_TYPE),
+        Cow::Borrowed(event.event_type.as_str()),
+    ));
+    out.push((
+        Cow::Borrowed(HEADER_AGGREGATE_TYPE),
+        Cow::Borrowed(event.aggregate_type.as_str()),
+    ));
+    if let Some(raw) = &event.headers {
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(raw)
+            .map_err(|e| SinkError::Permanent(format!("headers are not a JSON object: {e}")))?;
+        for (k, v) in map {
+            let serde_json::Value::String(v) = v else {
+                return Err(SinkError::Permanent(format!(
+                    "header {k:?} is not a string"
+                )));
+            };
+            if matches!(
+                k.as_str(),
+                HEADER_ID | HEADER_EVENT_TYPE | HEADER_AGGREGATE_TYPE
+            ) {
+                continue;
+            }
+            out.push((Cow::Owned(k), Cow::Owned(v)));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn event() -> OutboxEvent {
+        OutboxEvent {
+            position: 1,
+            id: Uuid::nil(),
+            aggregate_type: "order".into(),
+            aggregate_id: "42".into(),
+            event_type: "OrderCreated".into(),
+            payload: br#"{"total": 10}"#.to_vec(),
+            headers: None,
+            topic: None,
+            created_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn default_topic_follows_the_debezium_convention() {
+        assert_eq!(topic(&event(), "outbox.event."), "outbox.event.order");
+        assert_eq!(topic(&event(), ""), "order");
+    }
+
+    #[test]
+    fn row_topic_overrides_the_prefix() {
+        let mut e = event();
+        e.topic = Some("billing".into());
+        assert_eq!(topic(&e, "outbox.event."), "billing");
+    }
+
+    #[test]
+    fn topic_names_are_checked() {
+        assert!(check_topic("outbox.event.order").is_ok());
+        assert!(check_topic("bad topic").is_err());
+        assert!(check_topic("").is_err());
+        assert!(check_topic("..").is_err());
+        assert!(check_topic(&"x".repeat(250)).is_err());
+        assert!(!check_topic("a/b").unwrap_err().is_retriable());
+    }
+
+    #[test]
+    fn headers_carry_id_type_and_row_headers() {
+        let mut e = event();
+        e.headers =
+            Some(br#"{"traceparent": "00-abc-01", "id": "spoof", "tenant": "t1"}"#.to_vec());
+        let h = headers(&e).unwrap();
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
+        assert_eq!(
+            h,
+            vec![
+                ("id", "00000000-0000-0000-0000-000000000000"),
+                ("event_type", "OrderCreated"),
+                ("aggregate_type", "order"),
+                ("tenant", "t1"),
+                ("traceparent", "00-abc-01"),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_headers_are_permanent_errors() {
+        let mut e = event();
+        e.headers = Some(br#"{"n": 1}"#.to_vec());
+        assert!(!headers(&e).unwrap_err().is_retriable());
+        e.headers = Some(br#"[1]"#.to_vec());
+        assert!(!headers(&e).unwrap_err().is_retriable());
+    }
+}

@@ -1,0 +1,208 @@
+//! Leases and node registrations in PostgreSQL. Expiry is judged by the
+//! database's clock (`now()`), the one clock every node shares.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgPool;
+use sqlx::Row;
+
+use crate::cluster::{LeaseStore, LeaseView, Member, Registration};
+use crate::error::StoreError;
+use crate::relay::Claim;
+use crate::store::Names;
+
+struct Sql {
+    register: String,
+    registered_expiry: String,
+    heartbeat: String,
+    live_nodes: String,
+    leases: String,
+    acquire: String,
+    renew: String,
+    release: String,
+    deregister: String,
+}
+
+pub struct PgLeaseStore {
+    pool: PgPool,
+    sql: Sql,
+}
+
+impl PgLeaseStore {
+    pub fn new(pool: PgPool, names: &Names) -> Self {
+        let nodes = names.table("outbox_nodes");
+        let leases = names.table("outbox_leases");
+        let sql = Sql {
+            register: format!(
+                "insert into {nodes} as n (node_id, incarnation, expires_at)
+                 values ($1, $2, now() + $3 * interval '1 millisecond')
+                 on conflict (node_id) do update
+                    set incarnation = excluded.incarnation, started_at = now(),
+                        heartbeat_at = now(), expires_at = excluded.expires_at
+                    where n.expires_at < now() or n.incarnation = excluded.incarnation
+                 returning node_id"
+            ),
+            registered_expiry: format!(
+                "select greatest(extract(epoch from expires_at - now()), 0)::float8
+                 from {nodes} where node_id = $1"
+            ),
+            heartbeat: format!(
+                "update {nodes} set heartbeat_at = now(),
+                        expires_at = now() + $3 * interval '1 millisecond'
+                 where node_id = $1 and incarnation = $2"
+            ),
+            live_nodes: format!(
+                "select node_id from {nodes} where expires_at > now() order by node_id"
+            ),
+            leases: format!(
+                "select partition, case when expires_at > now() then owner end
+                 from {leases} order by partition"
+            ),
+            acquire: format!(
+                "update {leases}
+                    set owner = $2, incarnation = $3, epoch = epoch + 1,
+                        expires_at = now() + $4 * interval '1 millisecond', acquired_at = now()
+                  where partition = $1
+                    and (owner is null or expires_at is null or expires_at <= now())
+                 returning epoch"
+            ),
+            renew: format!(
+                "update {leases} set expires_at = now() + $3 * interval '1 millisecond'
+                  where partition = any($1) and incarnation = $2
+                 returning partition, epoch"
+            ),
+            release: format!(
+                "update {leases} set owner = null, expires_at = null
+                  where partition = $1 and epoch = $2 and incarnation = $3"
+            ),
+            deregister: format!("delete from {nodes} where node_id = $1 and incarnation = $2"),
+        };
+        Self { pool, sql }
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl LeaseStore for PgLeaseStore {
+    async fn register(&self, member: &Member, ttl: Duration) -> Result<Registration, StoreError> {
+        let row = sqlx::query(&self.sql.register)
+            .bind(&member.node_id)
+            .bind(member.incarnation)
+            .bind(millis(ttl))
+            .fetch_optional(&self.pool)
+            .await?;
+        if row.is_some() {
+            return Ok(Registration::Registered);
+        }
+        let secs: f64 = sqlx::query(&self.sql.registered_expiry)
+            .bind(&member.node_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()?
+            .unwrap_or(0.0);
+        Ok(Registration::Taken {
+            expires_in: Duration::from_secs_f64(secs.max(0.0)),
+        })
+    }
+
+    async fn heartbeat(&self, member: &Member, ttl: Duration) -> Result<bool, StoreError> {
+        let done = sqlx::query(&self.sql.heartbeat)
+            .bind(&member.node_id)
+            .bind(member.incarnation)
+            .bind(millis(ttl))
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn live_nodes(&self) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(&self.sql.live_nodes)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    async fn leases(&self) -> Result<Vec<LeaseView>, StoreError> {
+        let rows = sqlx::query(&self.sql.leases).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LeaseView {
+                    partition: r.try_get::<i32, _>(0)? as u32,
+                    owner: r.try_get(1)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn acquire(
+        &self,
+        member: &Member,
+        partition: u32,
+        ttl: Duration,
+    ) -> Result<Option<Claim>, StoreError> {
+        let row = sqlx::query(&self.sql.acquire)
+            .bind(partition as i32)
+            .bind(&member.node_id)
+            .bind(member.incarnation)
+            .bind(millis(ttl))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(Claim {
+                partition,
+                epoch: r.try_get(0)?,
+                incarnation: member.incarnation,
+            }),
+            None => None,
+        })
+    }
+
+    async fn renew(
+        &self,
+        member: &Member,
+        claims: &[Claim],
+        ttl: Duration,
+    ) -> Result<Vec<Claim>, StoreError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let partitions: Vec<i32> = claims.iter().map(|c| c.partition as i32).collect();
+        let rows = sqlx::query(&self.sql.renew)
+            .bind(&partitions)
+            .bind(member.incarnation)
+            .bind(millis(ttl))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Claim {
+                    partition: r.try_get::<i32, _>(0)? as u32,
+                    epoch: r.try_get(1)?,
+                    incarnation: member.incarnation,
+                })
+            })
+            .collect()
+    }
+
+    async fn release(&self, claim: &Claim) -> Result<(), StoreError> {
+        sqlx::query(&self.sql.release)
+            .bind(claim.partition as i32)
+            .bind(claim.epoch)
+            .bind(claim.incarnation)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn deregister(&self, member: &Member) -> Result<(), StoreError> {
+        sqlx::query(&self.sql.deregister)
+            .bind(&member.node_id)
+            .bind(member.incarnation)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,86 @@
+//! PostgreSQL: the outbox tables (as the relay's event source), the leases,
+//! and the schema. Every statement is built once, here, from a validated
+//! schema name and the partition number.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Connection;
+
+use crate::config::{validate_identifier, DatabaseConfig};
+use crate::error::StoreError;
+
+pub mod leases;
+pub mod schema;
+pub mod source;
+pub mod status;
+
+/// Opens a pool, failing fast with an error that names the server (never
+/// the password) when it cannot be reached.
+pub async fn connect(config: &DatabaseConfig, max_connections: u32) -> Result<PgPool, StoreError> {
+    let options = config.connect_options()?.application_name("outbox-engine");
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(0)
+        .acquire_timeout(config.connect_timeout())
+        // Test a connection only when it sat idle long enough to have died
+        // with a restarted server; the relay's own retries cover the rest.
+        .test_before_acquire(false)
+        .idle_timeout(Some(Duration::from_secs(60)))
+        .connect_lazy_with(options);
+    // One real connection now, so a wrong URL fails here, not in a worker.
+    let mut conn = tokio::time::timeout(config.connect_timeout(), pool.acquire())
+        .await
+        .map_err(|_| {
+            StoreError::Schema(format!(
+                "cannot connect to the database at {}: timed out after {:?}",
+                config.url,
+                config.connect_timeout()
+            ))
+        })?
+        .map_err(|e| {
+            StoreError::Schema(format!(
+                "cannot connect to the database at {}: {e}",
+                config.url
+            ))
+        })?;
+    conn.ping().await?;
+    Ok(pool)
+}
+
+/// The outbox's names in one schema.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub schema: String,
+}
+
+impl Names {
+    pub fn new(schema: &str) -> Result<Self, StoreError> {
+        validate_identifier("database.schema", schema)?;
+        Ok(Self {
+            schema: schema.to_string(),
+        })
+    }
+
+    pub fn partition(&self, partition: u32) -> String {
+        format!("{}.{}", self.schema, schema::partition_table(partition))
+    }
+
+    pub fn table(&self, name: &str) -> String {
+        format!("{}.{name}", self.schema)
+    }
+}
+
+/// The partition count recorded by `migrate`, or a clear error if the
+/// schema was never migrated.
+pub async fn partitions(pool: &PgPool, names: &Names) -> Result<u32, StoreError> {
+    let mut conn = pool.acquire().await?;
+    schema::read_partitions(&mut conn, &names.schema)
+        .await?
+        .ok_or_else(|| {
+            StoreError::Schema(format!(
+                "no outbox in schema {}: run `outbox migrate --partitions N` first",
+                names.schema
+            ))
+        })
+}

@@ -1,0 +1,211 @@
+//! The outbox schema, generated for a schema name and a partition count, and
+//! applied idempotently by `outbox migrate`.
+//!
+//! Layout, all in one schema:
+//! - `outbox`: the table applications insert into, hash-partitioned by
+//!   `aggregate_id` into `outbox_p0 .. outbox_p{N-1}`;
+//! - `outbox_meta`: the partition count and schema version;
+//! - `outbox_leases`: one row per partition: owner, epoch (fencing token), expiry;
+//! - `outbox_nodes`: live engine nodes and their heartbeats.
+
+use sqlx::{Connection, PgConnection, Row};
+
+use crate::config::validate_identifier;
+use crate::error::StoreError;
+
+/// Version of the layout below; bumped with every change to it.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Most partitions an outbox may have.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// Name of a partition's table, unqualified.
+pub fn partition_table(partition: u32) -> String {
+    format!("outbox_p{partition}")
+}
+
+/// The statements that create the layout, each idempotent.
+pub fn ddl(schema: &str, partitions: u32) -> Vec<String> {
+    let s = schema;
+    let mut stmts = vec![
+        format!("create schema if not exists {s}"),
+        format!(
+            "create table if not exists {s}.outbox_meta (
+                key text primary key,
+                value text not null
+            )"
+        ),
+        // No cache: positions must follow the order in which writers that
+        // are serialized (by a lock on their aggregate) took them.
+        format!("create sequence if not exists {s}.outbox_position_seq as bigint"),
+        format!(
+            "create or replace function {s}.outbox_headers_valid(h jsonb) returns boolean
+             language sql immutable parallel safe as $$
+                select h is null or (jsonb_typeof(h) = 'object' and not exists (
+                    select 1 from jsonb_each(h) e where jsonb_typeof(e.value) <> 'string'))
+             $$"
+        ),
+        format!(
+            "create table if not exists {s}.outbox (
+                position bigint not null default nextval('{s}.outbox_position_seq'),
+                id uuid not null default gen_random_uuid(),
+                aggregate_type text not null
+                    constraint outbox_aggregate_type_not_empty check (aggregate_type <> ''),
+                aggregate_id text not null
+                    constraint outbox_aggregate_id_not_empty check (aggregate_id <> ''),
+                event_type text not null,
+                payload jsonb not null,
+                headers jsonb
+                    constraint outbox_headers_object_of_strings check ({s}.outbox_headers_valid(headers)),
+                topic text,
+                created_at timestamptz not null default now()
+            ) partition by hash (aggregate_id)"
+        ),
+    ];
+    for p in 0..partitions {
+        let t = partition_table(p);
+        // The relay deletes what it published and vacuums the partition
+        // itself; autovacuum settings are a backstop that does not wait for
+        // a fraction of the table to be dead.
+        stmts.push(format!(
+            "create table if not exists {s}.{t} partition of {s}.outbox
+                for values with (modulus {partitions}, remainder {p})
+                with (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
+                      autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_cost_delay = 0)"
+        ));
+    }
+    stmts.extend([
+        format!("create index if not exists outbox_position_idx on {s}.outbox (position)"),
+        format!(
+            "create table if not exists {s}.outbox_leases (
+                partition int primary key,
+                owner text,
+                incarnation uuid,
+                epoch bigint not null default 0,
+                expires_at timestamptz,
+                acquired_at timestamptz
+            )"
+        ),
+        format!(
+            "insert into {s}.outbox_leases (partition)
+             select generate_series(0, {last}) on conflict do nothing",
+            last = partitions as i64 - 1
+        ),
+        format!(
+            "create table if not exists {s}.outbox_nodes (
+                node_id text primary key,
+                incarnation uuid not null,
+                started_at timestamptz not null default now(),
+                heartbeat_at timestamptz not null default now(),
+                expires_at timestamptz not null
+            )"
+        ),
+    ]);
+    stmts
+}
+
+/// What `migrate` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrateOutcome {
+    Created,
+    AlreadyCurrent,
+}
+
+/// Creates the layout with `partitions` partitions, or checks that the one
+/// in place has that many. Runs in one transaction under an advisory lock, so
+/// concurrent runs are safe and a refused run changes nothing.
+pub async fn migrate(
+    conn: &mut PgConnection,
+    schema: &str,
+    partitions: u32,
+) -> Result<MigrateOutcome, StoreError> {
+    validate_identifier("database.schema", schema)?;
+    if !(1..=MAX_PARTITIONS).contains(&partitions) {
+        return Err(StoreError::Schema(format!(
+            "--partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}"
+        )));
+    }
+    let mut tx = conn.begin().await?;
+    sqlx::query("select pg_advisory_xact_lock(hashtext('outbox-migrate'))")
+        .execute(&mut *tx)
+        .await?;
+    if let Some(existing) = read_partitions(&mut tx, schema).await? {
+        if existing != partitions {
+            return Err(StoreError::Schema(format!(
+                "the outbox in schema {schema} already has {existing} partitions; \
+                 refusing to migrate to {partitions} (repartitioning is not supported; \
+                 run with --partitions {existing})"
+            )));
+        }
+        let version = read_meta(&mut tx, schema, "schema_version").await?;
+        if version.as_deref() == Some(&SCHEMA_VERSION.to_string()) {
+            tx.commit().await?;
+            return Ok(MigrateOutcome::AlreadyCurrent);
+        }
+    }
+    for stmt in ddl(schema, partitions) {
+        sqlx::query(&stmt).execute(&mut *tx).await?;
+    }
+    sqlx::query(&format!(
+        "insert into {schema}.outbox_meta (key, value) values ('partitions', $1), ('schema_version', $2)
+         on conflict (key) do update set value = excluded.value"
+    ))
+    .bind(partitions.to_string())
+    .bind(SCHEMA_VERSION.to_string())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(MigrateOutcome::Created)
+}
+
+/// The partition count of the outbox in `schema`, if it was migrated.
+pub async fn read_partitions(
+    conn: &mut PgConnection,
+    schema: &str,
+) -> Result<Option<u32>, StoreError> {
+    let Some(value) = read_meta(conn, schema, "partitions").await? else {
+        return Ok(None);
+    };
+    value.parse().map(Some).map_err(|_| {
+        StoreError::Schema(format!("{schema}.outbox_meta holds partitions = {value:?}"))
+    })
+}
+
+async fn read_meta(
+    conn: &mut PgConnection,
+    schema: &str,
+    key: &str,
+) -> Result<Option<String>, StoreError> {
+    let exists: bool = sqlx::query("select to_regclass($1) is not null")
+        .bind(format!("{schema}.outbox_meta"))
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Ok(None);
+    }
+    let row = sqlx::query(&format!(
+        "select value from {schema}.outbox_meta where key = $1"
+    ))
+    .bind(key)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.map(|r| r.try_get(0)).transpose()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ddl_has_one_table_per_partition() {
+        let stmts = ddl("app", 4);
+        let parts: Vec<_> = stmts
+            .iter()
+            .filter(|s| s.contains("partition of app.outbox"))
+            .collect();
+        assert_eq!(parts.len(), 4);
+        assert!(parts[3].contains("modulus 4, remainder 3"));
+        assert!(stmts.iter().all(|s| !s.contains("public.")));
+    }
+}

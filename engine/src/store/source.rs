@@ -1,0 +1,146 @@
+//! The polling source: reads a partition's events in position order and
+//! deletes them once the sink acknowledged them.
+//!
+//! There is no cursor. Every fetch starts at the lowest position still in the
+//! table and skips only what is in flight, so a transaction that took a low
+//! position and committed late is picked up by the next fetch (the "gap
+//! trap" of cursor-based relays cannot happen). Deleting what was published
+//! keeps each partition's table small; the relay vacuums it after enough
+//! deletes, so steady state does not bloat.
+
+use std::future::Future;
+
+use sqlx::postgres::PgPool;
+use sqlx::Row;
+
+use crate::error::StoreError;
+use crate::event::{JsonBytes, OutboxEvent};
+use crate::relay::{Ack, Claim, EventSource};
+use crate::store::Names;
+
+struct PartitionSql {
+    fetch: String,
+    ack: String,
+    vacuum: String,
+}
+
+/// The outbox partitions of one schema as an [`EventSource`].
+pub struct PgSource {
+    pool: PgPool,
+    sql: Vec<PartitionSql>,
+}
+
+impl PgSource {
+    pub fn new(pool: PgPool, names: &Names, partitions: u32) -> Self {
+        let leases = names.table("outbox_leases");
+        let sql = (0..partitions)
+            .map(|p| {
+                let t = names.partition(p);
+                PartitionSql {
+                    fetch: format!(
+                        "select position, id, aggregate_type, aggregate_id, event_type, payload,
+                                headers, topic, (extract(epoch from created_at) * 1000)::int8
+                         from {t}
+                         where position <> all($1)
+                         order by position
+                         limit $2"
+                    ),
+                    // The lease row is read `for share`: a takeover (which
+                    // updates it) waits for this delete, and a delete that
+                    // runs after a takeover sees the new epoch and removes
+                    // nothing. Either way a stale owner cannot act.
+                    ack: format!(
+                        "with fence as (
+                            select 1 from {leases}
+                            where partition = $1 and epoch = $2 and incarnation = $3
+                            for share
+                         ), gone as (
+                            delete from {t}
+                            where position = any($4) and exists (select 1 from fence)
+                            returning 1
+                         )
+                         select (select count(*) from fence), (select count(*) from gone)"
+                    ),
+                    vacuum: format!("vacuum (skip_locked) {t}"),
+                }
+            })
+            .collect();
+        Self { pool, sql }
+    }
+
+    fn sql(&self, partition: u32) -> Result<&PartitionSql, StoreError> {
+        self.sql.get(partition as usize).ok_or_else(|| {
+            StoreError::Schema(format!(
+                "partition {partition} does not exist (the outbox has {})",
+                self.sql.len()
+            ))
+        })
+    }
+}
+
+impl EventSource for PgSource {
+    fn fetch(
+        &self,
+        claim: &Claim,
+        limit: usize,
+        in_flight: &[i64],
+    ) -> impl Future<Output = Result<Vec<OutboxEvent>, StoreError>> + Send {
+        let sql = self.sql(claim.partition).map(|s| s.fetch.as_str());
+        async move {
+            let rows = sqlx::query(sql?)
+                .bind(in_flight)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+            let mut events = Vec::with_capacity(rows.len());
+            for row in rows {
+                events.push(OutboxEvent {
+                    position: row.try_get(0)?,
+                    id: row.try_get(1)?,
+                    aggregate_type: row.try_get(2)?,
+                    aggregate_id: row.try_get(3)?,
+                    event_type: row.try_get(4)?,
+                    payload: row.try_get::<JsonBytes, _>(5)?.0,
+                    headers: row.try_get::<Option<JsonBytes>, _>(6)?.map(|h| h.0),
+                    topic: row.try_get(7)?,
+                    created_at_ms: row.try_get(8)?,
+                });
+            }
+            Ok(events)
+        }
+    }
+
+    fn acknowledge(
+        &self,
+        claim: &Claim,
+        positions: &[i64],
+    ) -> impl Future<Output = Result<Ack, StoreError>> + Send {
+        let sql = self.sql(claim.partition).map(|s| s.ack.as_str());
+        async move {
+            let row = sqlx::query(sql?)
+                .bind(claim.partition as i32)
+                .bind(claim.epoch)
+                .bind(claim.incarnation)
+                .bind(positions)
+                .fetch_one(&self.pool)
+                .await?;
+            let held: i64 = row.try_get(0)?;
+            let removed: i64 = row.try_get(1)?;
+            Ok(if held == 0 {
+                Ack::Fenced
+            } else {
+                Ack::Done {
+                    removed: removed as u64,
+                }
+            })
+        }
+    }
+
+    fn maintain(&self, partition: u32) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let sql = self.sql(partition).map(|s| s.vacuum.as_str());
+        async move {
+            sqlx::raw_sql(sql?).execute(&self.pool).await?;
+            Ok(())
+        }
+    }
+}
