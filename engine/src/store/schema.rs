@@ -126,6 +126,10 @@ pub async fn migrate(
         )));
     }
     let mut tx = conn.begin().await?;
+    // "already exists, skipping" notices are expected on every re-run.
+    sqlx::query("set local client_min_messages = warning")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("select pg_advisory_xact_lock(hashtext('outbox-migrate'))")
         .execute(&mut *tx)
         .await?;
