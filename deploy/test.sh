@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: brings up PostgreSQL and the broker if needed
+# (deploy/services.sh), then unit and integration tests of the workspace.
+# Extra arguments go to `cargo test`, e.g. `deploy/test.sh --test cli`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+eval "$(deploy/services.sh up)"
+export OUTBOX_TEST_DATABASE_URL="${OUTBOX_TEST_DATABASE_URL:-$DATABASE_URL}"
+echo "tests against DATABASE_URL=$OUTBOX_TEST_DATABASE_URL KAFKA_BROKERS=$KAFKA_BROKERS" >&2
+cargo test --workspace "$@"
