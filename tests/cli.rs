@@ -212,9 +212,8 @@ async fn sigterm_under_load_drains_and_exits_zero() {
         committed
     });
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let pid = node.id().expect("pid") as i32;
     // SIGTERM while events are still flowing.
-    assert_eq!(send_signal(pid, 15), 0);
+    send_signal(&node, "TERM");
     let status = tokio::time::timeout(Duration::from_secs(30), node.wait())
         .await
         .expect("exits within the shutdown timeout")
@@ -247,13 +246,4 @@ async fn sigterm_under_load_drains_and_exits_zero() {
     let (lost, _) = lost_and_duplicates(&committed, &got);
     assert_eq!(lost, 0);
     db.drop_db().await;
-}
-
-/// `kill(2)` through the `kill` command, to keep the tests free of `unsafe`.
-fn send_signal(pid: i32, signal: i32) -> i32 {
-    std::process::Command::new("kill")
-        .args([format!("-{signal}"), pid.to_string()])
-        .status()
-        .map(|s| s.code().unwrap_or(1))
-        .unwrap_or(1)
 }

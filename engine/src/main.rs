@@ -238,7 +238,9 @@ async fn dispatch(cli: Cli) -> Result<()> {
 }
 
 async fn run(config: Config, names: Names) -> Result<()> {
-    let pool = pgstore::connect(&config.database, config.database.max_connections).await?;
+    let app_name = format!("outbox/{}", config.cluster.node_id);
+    let pool =
+        pgstore::connect_as(&config.database, config.database.max_connections, &app_name).await?;
     let partitions = pgstore::partitions(&pool, &names).await?;
     let sink = KafkaSink::new(&config.kafka)?;
     sink.check().await.map_err(|e| {

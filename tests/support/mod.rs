@@ -303,3 +303,84 @@ pub fn outbox_command(db: &TestDb) -> tokio::process::Command {
         .kill_on_drop(true);
     cmd
 }
+
+/// Flags every test node runs with: fast leases, test topics.
+pub fn node_command(db: &TestDb, node_id: &str, prefix: &str) -> tokio::process::Command {
+    let mut cmd = outbox_command(db);
+    cmd.args(["run", "--node-id", node_id, "--topic-prefix", prefix])
+        .args(["--topic-partitions", &TOPIC_PARTITIONS.to_string()])
+        .args(["--lease-ttl-ms", "2000", "--heartbeat-interval-ms", "250"]);
+    cmd
+}
+
+/// Live lease counts per owner.
+pub async fn owners(db: &TestDb) -> HashMap<String, i64> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "select owner, count(*) from outbox_leases
+          where owner is not null and expires_at > now() group by owner",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .expect("lease owners");
+    rows.into_iter().collect()
+}
+
+/// Waits until the live leases are spread as `want` (owner -> count).
+pub async fn wait_for_owners(
+    db: &TestDb,
+    want: &[(&str, i64)],
+    timeout: Duration,
+) -> HashMap<String, i64> {
+    let want: HashMap<String, i64> = want.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let start = Instant::now();
+    loop {
+        let now = owners(db).await;
+        if now == want || start.elapsed() > timeout {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes `per_tx` events per transaction, one per aggregate `a0..`, each
+/// aggregate's `seq` increasing, until `stop` is cancelled. Returns the ids.
+pub fn spawn_writer(db: &TestDb, per_tx: usize, stop: CancellationToken) -> JoinHandle<Vec<Uuid>> {
+    let pool = db.pool.clone();
+    tokio::spawn(async move {
+        let outbox = outbox_engine::Enqueuer::new("public").expect("enqueuer");
+        let mut ids = Vec::new();
+        let mut seq = 0i64;
+        while !stop.is_cancelled() {
+            let events: Vec<_> = (0..per_tx)
+                .map(|a| {
+                    outbox_engine::NewEvent::new(
+                        "order",
+                        format!("a{a}"),
+                        "Tick",
+                        &serde_json::json!({"seq": seq}),
+                    )
+                    .expect("event")
+                })
+                .collect();
+            seq += 1;
+            let mut tx = pool.begin().await.expect("begin");
+            outbox.enqueue(&mut tx, &events).await.expect("enqueue");
+            tx.commit().await.expect("commit");
+            ids.extend(events.iter().map(|e| e.id));
+            // Leave the CPU to the nodes under test.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        ids
+    })
+}
+
+/// Sends a signal with the `kill` command (no `unsafe` in tests).
+pub fn send_signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().expect("child has a pid");
+    let ok = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill -{signal} {pid} failed");
+}

@@ -18,7 +18,17 @@ pub mod status;
 /// Opens a pool, failing fast with an error that names the server (never
 /// the password) when it cannot be reached.
 pub async fn connect(config: &DatabaseConfig, max_connections: u32) -> Result<PgPool, StoreError> {
-    let options = config.connect_options()?.application_name("outbox-engine");
+    connect_as(config, max_connections, "outbox").await
+}
+
+/// [`connect`], with the `application_name` that `pg_stat_activity` shows
+/// (a node connects as `outbox/<node id>`).
+pub async fn connect_as(
+    config: &DatabaseConfig,
+    max_connections: u32,
+    application_name: &str,
+) -> Result<PgPool, StoreError> {
+    let options = config.connect_options()?.application_name(application_name);
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(0)
