@@ -6,7 +6,8 @@
 #   deploy/cluster.sh stop       # SIGTERM every node, wait for them to drain
 #   deploy/cluster.sh status     # which nodes run, then `outbox status`
 #
-# Uses DATABASE_URL and KAFKA_BROKERS from the environment (see
+# Node i serves /metrics, /healthz, /readyz on 127.0.0.1:$((9190 + i)) (set
+# HTTP_BASE_PORT to move them). Uses DATABASE_URL and KAFKA_BROKERS from the environment (see
 # deploy/services.sh); the schema must be migrated first.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +15,7 @@ DIR="$ROOT/.local/cluster"
 mkdir -p "$DIR"
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
+HTTP_BASE_PORT=${HTTP_BASE_PORT:-9190}
 
 binary() {
   local profile=$1
@@ -48,7 +50,10 @@ start() {
       echo "cluster.sh: $id already running (pid $(cat "$pidfile"))" >&2
       continue
     fi
-    nohup "$bin" run --node-id "$id" "${extra[@]}" >"$DIR/$id.log" 2>&1 &
+    # Each node's operations endpoint on its own port: 9191, 9192... unless
+    # OUTBOX_HTTP_ADDR or --http-addr says otherwise.
+    OUTBOX_HTTP_ADDR=${OUTBOX_HTTP_ADDR:-127.0.0.1:$((HTTP_BASE_PORT + i))} \
+      nohup "$bin" run --node-id "$id" "${extra[@]}" >"$DIR/$id.log" 2>&1 &
     echo $! >"$pidfile"
     echo "cluster.sh: started $id (pid $!, log $DIR/$id.log)" >&2
   done

@@ -22,6 +22,7 @@ async fn outbox(db: Option<&TestDb>, args: &[&str], env: &[(&str, &str)]) -> Out
     cmd.env_remove("DATABASE_URL")
         .env_remove("KAFKA_BROKERS")
         .env("RUST_LOG", "warn")
+        .env("OUTBOX_HTTP_ADDR", "127.0.0.1:0")
         .args(args)
         .kill_on_drop(true);
     if let Some(db) = db {

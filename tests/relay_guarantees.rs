@@ -49,7 +49,7 @@ async fn message_carries_key_headers_payload_and_topic() {
     let mut tx = db.pool.begin().await.unwrap();
     Enqueuer::new("public")
         .unwrap()
-        .enqueue(&mut tx, &[typed.clone()])
+        .enqueue(&mut tx, std::slice::from_ref(&typed))
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -95,7 +95,7 @@ async fn late_commit_of_an_early_position_is_not_lost() {
     let late = NewEvent::new("order", "late", "OrderUpdated", &json!({"seq": 0})).unwrap();
     Enqueuer::new("public")
         .unwrap()
-        .enqueue(&mut slow, &[late.clone()])
+        .enqueue(&mut slow, std::slice::from_ref(&late))
         .await
         .unwrap();
     let late_position: i64 = sqlx::query_scalar("select position from outbox where id = $1")
@@ -115,7 +115,7 @@ async fn late_commit_of_an_early_position_is_not_lost() {
         .unwrap();
     assert!(late_position < max_other);
     let first = consume(
-        &[topic.clone()],
+        std::slice::from_ref(&topic),
         200,
         Duration::from_secs(30),
         Duration::ZERO,

@@ -21,6 +21,7 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub relay: RelayConfig,
     pub cluster: ClusterConfig,
+    pub http: HttpConfig,
 }
 
 impl Config {
@@ -53,7 +54,46 @@ impl Config {
         self.kafka.validate()?;
         self.relay.validate()?;
         self.cluster.validate()?;
+        self.http.validate()?;
         Ok(())
+    }
+}
+
+/// The operations endpoint (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `host:port` to listen on, or `off`. Port 0 picks a free port.
+    pub addr: String,
+}
+
+/// Where the operations endpoint listens unless told otherwise: localhost only.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:9090";
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            addr: DEFAULT_HTTP_ADDR.into(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The address to listen on; `None` when disabled.
+    pub fn socket_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.addr.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        self.addr.parse().map(Some).map_err(|_| {
+            ConfigError::new(
+                "http.addr",
+                format!("{:?} is not ip:port (or off)", self.addr),
+            )
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.socket_addr().map(|_| ())
     }
 }
 

@@ -14,6 +14,7 @@ pub mod config;
 pub mod enqueue;
 pub mod error;
 pub mod event;
+pub mod ops;
 pub mod relay;
 pub mod sink;
 pub mod status;

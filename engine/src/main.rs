@@ -12,6 +12,7 @@ use uuid::Uuid;
 use outbox_engine::cluster::node::Node;
 use outbox_engine::cluster::Member;
 use outbox_engine::config::{Config, DatabaseUrl};
+use outbox_engine::ops::{self, readiness::Readiness};
 use outbox_engine::sink::kafka::KafkaSink;
 use outbox_engine::sink::Sink;
 use outbox_engine::store::leases::PgLeaseStore;
@@ -61,6 +62,9 @@ enum Command {
     },
     /// Run a relay node until SIGTERM or SIGINT.
     Run(RunArgs),
+    /// Validate the configuration `run` would use (flags, environment,
+    /// file) without connecting anywhere, and print it with secrets masked.
+    CheckConfig(RunArgs),
     /// Show partitions, owners and backlog.
     Status {
         /// Print JSON instead of a table.
@@ -104,6 +108,9 @@ struct RunArgs {
     /// How long a graceful stop may take.
     #[arg(long)]
     shutdown_timeout_ms: Option<u64>,
+    /// Address of /metrics, /healthz and /readyz (`off` to disable).
+    #[arg(long, env = "OUTBOX_HTTP_ADDR")]
+    http_addr: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -163,7 +170,7 @@ fn load_config(cli: &Cli) -> Result<Config> {
     if let Some(schema) = &cli.schema {
         config.database.schema = schema.clone();
     }
-    if let Command::Run(args) = &cli.command {
+    if let Command::Run(args) | Command::CheckConfig(args) = &cli.command {
         let set = |slot: &mut _, v: &Option<_>| {
             if let Some(v) = v {
                 *slot = Clone::clone(v);
@@ -172,6 +179,7 @@ fn load_config(cli: &Cli) -> Result<Config> {
         set(&mut config.cluster.node_id, &args.node_id);
         set(&mut config.kafka.brokers, &args.kafka_brokers);
         set(&mut config.kafka.topic_prefix, &args.topic_prefix);
+        set(&mut config.http.addr, &args.http_addr);
         if let Some(v) = args.topic_partitions {
             config.kafka.topic_partitions = v;
         }
@@ -234,6 +242,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
             }
         }
         Command::Run(_) => run(config, names).await,
+        Command::CheckConfig(_) => {
+            println!("configuration is valid\n{config:#?}");
+            Ok(())
+        }
     }
 }
 
@@ -250,6 +262,29 @@ async fn run(config: Config, names: Names) -> Result<()> {
         )
     })?;
     let sink = Arc::new(sink);
+    let shutdown = CancellationToken::new();
+    let readiness = Arc::new(Readiness::default());
+    readiness.set(true, true);
+    if let Some(addr) = config.http.socket_addr()? {
+        let metrics = ops::metrics::install().map_err(|e| anyhow!("metrics: {e}"))?;
+        let (listener, bound) = ops::http::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on http.addr {addr}"))?;
+        tracing::info!(addr = %bound, "operations endpoint: /metrics /healthz /readyz");
+        let state = ops::http::OpsState {
+            metrics,
+            readiness: Arc::clone(&readiness),
+        };
+        tokio::spawn(ops::http::serve(listener, state, shutdown.clone()));
+    }
+    tokio::spawn(ops::readiness::watch(
+        Arc::clone(&readiness),
+        pool.clone(),
+        Arc::clone(&sink),
+        std::time::Duration::from_secs(2),
+        std::time::Duration::from_secs(6),
+        shutdown.clone(),
+    ));
     let member = Member {
         node_id: config.cluster.node_id.clone(),
         incarnation: Uuid::now_v7(),
@@ -263,9 +298,11 @@ async fn run(config: Config, names: Names) -> Result<()> {
         relay: config.relay.clone(),
         cluster: config.cluster.clone(),
     };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(on_signal(shutdown.clone()));
-    node.run(shutdown).await?;
+    let stop_node = CancellationToken::new();
+    tokio::spawn(on_signal(stop_node.clone()));
+    let result = node.run(stop_node).await;
+    shutdown.cancel();
+    result?;
     let flush = sink.clone();
     tokio::task::spawn_blocking(move || flush.flush(std::time::Duration::from_secs(5)))
         .await?

@@ -299,6 +299,7 @@ pub fn outbox_command(db: &TestDb) -> tokio::process::Command {
     cmd.env("DATABASE_URL", &db.url)
         .env("KAFKA_BROKERS", brokers())
         .env("RUST_LOG", "warn")
+        .env("OUTBOX_HTTP_ADDR", "127.0.0.1:0")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     cmd
@@ -383,4 +384,121 @@ pub fn send_signal(child: &tokio::process::Child, signal: &str) {
         .map(|s| s.success())
         .unwrap_or(false);
     assert!(ok, "kill -{signal} {pid} failed");
+}
+
+/// A free TCP port on localhost (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `GET path` over plain HTTP/1.1; returns (status, body).
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Polls `check` every 200 ms until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// A tansu broker of the test's own, in memory, on a free port: tests that
+/// stop the broker must not stop the one other tests share.
+pub struct PrivateBroker {
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateBroker {
+    pub fn start() -> PrivateBroker {
+        let port = free_port();
+        let mut b = PrivateBroker { port, child: None };
+        b.restart();
+        b
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn binary() -> String {
+        if let Ok(path) = std::env::var("TANSU") {
+            return path;
+        }
+        let home = std::env::var("HOME").unwrap_or_default();
+        let cargo_bin = format!("{home}/.cargo/bin/tansu");
+        if std::path::Path::new(&cargo_bin).exists() {
+            cargo_bin
+        } else {
+            "tansu".into()
+        }
+    }
+
+    /// Starts it (again) and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        self.stop();
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = std::process::Command::new(Self::binary())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu (deploy/services.sh installs it)");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "tansu did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::{assignment, LeaseStore, Member, Registration};
 use crate::config::{ClusterConfig, RelayConfig};
 use crate::error::StoreError;
+use crate::ops::metrics as m;
 use crate::relay::worker::{Exit, Signals, Totals, Worker};
 use crate::relay::{Claim, EventSource};
 use crate::sink::Sink;
@@ -26,6 +27,23 @@ struct Running {
     valid_until: Instant,
     /// Being drained to be released.
     releasing: bool,
+}
+
+/// How often a node samples the backlog of the partitions it owns.
+const BACKLOG_SAMPLE_PERIOD: Duration = Duration::from_secs(5);
+
+async fn sample_backlog<S: EventSource>(source: Arc<S>, partitions: Vec<u32>) {
+    match source.backlog(&partitions).await {
+        Ok(backlog) => {
+            for b in backlog {
+                let p = b.partition.to_string();
+                metrics::gauge!(m::PENDING_EVENTS, "partition" => p.clone()).set(b.pending as f64);
+                metrics::gauge!(m::OLDEST_AGE_SECONDS, "partition" => p)
+                    .set(b.oldest_age_secs.unwrap_or(0.0));
+            }
+        }
+        Err(error) => tracing::debug!(%error, "backlog sample failed"),
+    }
 }
 
 /// Everything a node needs to run.
@@ -50,6 +68,8 @@ impl<S: EventSource, K: Sink, L: LeaseStore> Node<S, K, L> {
         let mut workers: BTreeMap<u32, Running> = BTreeMap::new();
         let mut tick = tokio::time::interval(self.cluster.heartbeat_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sampler: Option<JoinHandle<()>> = None;
+        let mut last_sample = Instant::now() - BACKLOG_SAMPLE_PERIOD;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -58,10 +78,22 @@ impl<S: EventSource, K: Sink, L: LeaseStore> Node<S, K, L> {
             if let Err(error) = self.step(&mut workers, ttl).await {
                 tracing::warn!(%error, "cluster step failed; retrying next heartbeat");
             }
+            metrics::gauge!(m::LEASES_HELD).set(workers.len() as f64);
+            if last_sample.elapsed() >= BACKLOG_SAMPLE_PERIOD
+                && sampler.as_ref().is_none_or(|s| s.is_finished())
+            {
+                last_sample = Instant::now();
+                let owned: Vec<u32> = workers.keys().copied().collect();
+                sampler = Some(tokio::spawn(sample_backlog(
+                    Arc::clone(&self.source),
+                    owned,
+                )));
+            }
             // Leases not renewed in time may have moved: stop acting on them.
             let now = Instant::now();
             for (p, w) in workers.iter_mut() {
                 if now >= w.valid_until && !w.signals.revoke.is_cancelled() {
+                    metrics::counter!(m::LEASES_LOST).increment(1);
                     tracing::warn!(partition = p, "lease not renewed in time; revoking worker");
                     w.signals.revoke.cancel();
                 }
@@ -142,6 +174,7 @@ impl<S: EventSource, K: Sink, L: LeaseStore> Node<S, K, L> {
                 continue; // still winding down from a lost lease
             }
             if let Some(claim) = self.leases.acquire(&self.member, p, ttl).await? {
+                metrics::counter!(m::LEASES_ACQUIRED).increment(1);
                 tracing::info!(partition = p, epoch = claim.epoch, "partition acquired");
                 workers.insert(p, self.spawn(claim, valid_until));
             }

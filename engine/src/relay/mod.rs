@@ -33,6 +33,16 @@ pub enum Ack {
     Fenced,
 }
 
+/// How far behind a partition is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backlog {
+    pub partition: u32,
+    /// Events waiting (a source may cap the count).
+    pub pending: u64,
+    /// Age of the oldest waiting event, in seconds.
+    pub oldest_age_secs: Option<f64>,
+}
+
 /// Where events come from: the polling Postgres source today, a logical
 /// decoding source later.
 pub trait EventSource: Send + Sync + 'static {
@@ -51,6 +61,12 @@ pub trait EventSource: Send + Sync + 'static {
         claim: &Claim,
         positions: &[i64],
     ) -> impl Future<Output = Result<Ack, StoreError>> + Send;
+
+    /// The backlog of each of `partitions`.
+    fn backlog(
+        &self,
+        partitions: &[u32],
+    ) -> impl Future<Output = Result<Vec<Backlog>, StoreError>> + Send;
 
     /// Housekeeping after many acknowledgements (for Postgres: vacuum).
     fn maintain(&self, partition: u32) -> impl Future<Output = Result<(), StoreError>> + Send;

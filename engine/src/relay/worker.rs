@@ -9,11 +9,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use metrics::{Counter, Histogram};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::RelayConfig;
+use crate::ops::metrics as m;
 use crate::relay::backoff::Backoff;
 use crate::relay::window::{settle, Window};
 use crate::relay::{Ack, Claim, EventSource};
@@ -47,6 +50,41 @@ pub struct Totals {
     pub batches: u64,
 }
 
+/// A batch handed to the sink: its delivery, when it was sent, its span.
+struct Sent {
+    delivery: Delivery,
+    at: Instant,
+    span: tracing::Span,
+}
+
+/// Metric handles of one partition, made once (no label building per batch).
+struct Meters {
+    published: Counter,
+    failed: Counter,
+    store_errors: Counter,
+    vacuums: Counter,
+    batch_size: Histogram,
+    fetch: Histogram,
+    send: Histogram,
+    ack: Histogram,
+}
+
+impl Meters {
+    fn new(partition: u32) -> Self {
+        let p = partition.to_string();
+        Self {
+            published: metrics::counter!(m::EVENTS_PUBLISHED, "partition" => p.clone()),
+            failed: metrics::counter!(m::EVENTS_FAILED, "partition" => p.clone()),
+            store_errors: metrics::counter!(m::STORE_ERRORS, "partition" => p.clone()),
+            vacuums: metrics::counter!(m::VACUUMS, "partition" => p),
+            batch_size: metrics::histogram!(m::BATCH_SIZE),
+            fetch: metrics::histogram!(m::FETCH_SECONDS),
+            send: metrics::histogram!(m::SEND_SECONDS),
+            ack: metrics::histogram!(m::ACK_SECONDS),
+        }
+    }
+}
+
 pub struct Worker<S, K> {
     claim: Claim,
     source: Arc<S>,
@@ -57,6 +95,7 @@ pub struct Worker<S, K> {
     deleted_since_vacuum: u64,
     last_vacuum: Instant,
     vacuum: Option<JoinHandle<()>>,
+    meters: Meters,
 }
 
 impl<S: EventSource, K: Sink> Worker<S, K> {
@@ -75,6 +114,7 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
             deleted_since_vacuum: 0,
             last_vacuum: Instant::now(),
             vacuum: None,
+            meters: Meters::new(claim.partition),
         }
     }
 
@@ -93,7 +133,7 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
 
     async fn relay(&mut self, signals: &Signals) -> Exit {
         let partition = self.claim.partition;
-        let mut window: Window<Delivery> = Window::new(self.config.max_inflight_batches);
+        let mut window: Window<Sent> = Window::new(self.config.max_inflight_batches);
         // When the next fetch may run; pushed out when idle or backing off.
         let mut next_fetch = Instant::now();
         loop {
@@ -105,20 +145,31 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
                 return Exit::Drained;
             }
             if !stopping && !window.is_full() && Instant::now() >= next_fetch {
+                let started = Instant::now();
                 let fetched = tokio::select! {
                     biased;
                     _ = signals.revoke.cancelled() => return Exit::Revoked,
                     r = self.source.fetch(&self.claim, self.config.batch_size, window.positions()) => r,
                 };
+                self.meters.fetch.record(started.elapsed().as_secs_f64());
                 match fetched {
                     Ok(events) if events.is_empty() => {
                         next_fetch = Instant::now() + self.config.poll_interval();
                     }
                     Ok(events) => {
                         let full = events.len() >= self.config.batch_size;
-                        match self.sink.send(&events).await {
+                        self.meters.batch_size.record(events.len() as f64);
+                        let span = tracing::debug_span!(
+                            "batch",
+                            partition,
+                            epoch = self.claim.epoch,
+                            size = events.len(),
+                            first = events[0].position,
+                        );
+                        let at = Instant::now();
+                        match self.sink.send(&events).instrument(span.clone()).await {
                             Ok(delivery) => {
-                                window.push(&events, delivery);
+                                window.push(&events, Sent { delivery, at, span });
                                 self.totals.batches += 1;
                                 if !full {
                                     // Caught up: give writers a moment.
@@ -134,6 +185,7 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
                         continue;
                     }
                     Err(error) => {
+                        self.meters.store_errors.increment(1);
                         let delay = self.backoff.next_delay();
                         tracing::warn!(partition, %error, retry_in = ?delay, "fetch failed");
                         next_fetch = Instant::now() + delay;
@@ -148,33 +200,41 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
                 _ = signals.revoke.cancelled() => return Exit::Revoked,
                 report = async {
                     match window.front_mut() {
-                        Some(b) => (&mut b.delivery).await,
+                        Some(b) => (&mut b.delivery.delivery).await,
                         None => std::future::pending().await,
                     }
                 }, if !window.is_empty() => {
                     let Some(batch) = window.pop_front() else { continue };
+                    self.meters.send.record(batch.delivery.at.elapsed().as_secs_f64());
+                    let span = batch.delivery.span.clone();
                     let report = report.unwrap_or_else(|e| DeliveryReport {
                         failed: batch.ids.iter().map(|id| (*id, e.clone())).collect(),
                     });
                     let settled = settle(&batch.positions, &batch.ids, report);
                     if let Some((_, error)) = settled.failed.first() {
                         let delay = self.backoff.next_delay();
-                        tracing::warn!(
+                        span.in_scope(|| tracing::warn!(
                             partition,
                             failed = settled.failed.len(),
                             %error,
                             retry_in = ?delay,
                             "broker did not acknowledge events; they stay in the outbox"
-                        );
+                        ));
                         self.totals.failed += settled.failed.len() as u64;
+                        self.meters.failed.increment(settled.failed.len() as u64);
                         next_fetch = next_fetch.max(Instant::now() + delay);
                     } else {
                         self.backoff.reset();
                     }
                     if !settled.acked.is_empty() {
-                        match self.acknowledge(&settled.acked, signals).await {
+                        let started = Instant::now();
+                        match self.acknowledge(&settled.acked, signals).instrument(span).await {
                             Some(exit) => return exit,
-                            None => self.totals.published += settled.acked.len() as u64,
+                            None => {
+                                self.meters.ack.record(started.elapsed().as_secs_f64());
+                                self.meters.published.increment(settled.acked.len() as u64);
+                                self.totals.published += settled.acked.len() as u64;
+                            }
                         }
                     }
                     self.maybe_vacuum();
@@ -210,6 +270,7 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
                     return Some(Exit::Fenced);
                 }
                 Err(error) => {
+                    self.meters.store_errors.increment(1);
                     let delay = backoff.next_delay();
                     tracing::warn!(partition = self.claim.partition, %error, retry_in = ?delay, "acknowledgement failed");
                     tokio::select! {
@@ -238,6 +299,7 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
         let partition = self.claim.partition;
         let deleted = self.deleted_since_vacuum;
         self.deleted_since_vacuum = 0;
+        self.meters.vacuums.increment(1);
         self.last_vacuum = Instant::now();
         self.vacuum = Some(tokio::spawn(async move {
             let started = Instant::now();

@@ -7,7 +7,7 @@
 //! which counts the batch down and completes it when the last event is in.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -30,6 +30,8 @@ use crate::sink::{routing, Delivery, DeliveryReport, Sink};
 /// How long the sink waits when librdkafka's queue is full before retrying.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a reachability check waits for the brokers' metadata.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// librdkafka properties the engine sets unless the configuration does.
 fn default_properties() -> BTreeMap<&'static str, &'static str> {
@@ -43,6 +45,8 @@ fn default_properties() -> BTreeMap<&'static str, &'static str> {
         ("queue.buffering.max.messages", "500000"),
         ("queue.buffering.max.kbytes", "1048576"),
         ("batch.num.messages", "10000"),
+        // Feeds the outbox_kafka_* metrics.
+        ("statistics.interval.ms", "5000"),
     ])
 }
 
@@ -87,9 +91,80 @@ impl BatchTracker {
     }
 }
 
-struct DeliveryContext;
+/// librdkafka repeats the same complaint many times a second while a broker
+/// is away; the log keeps one line per interval, with a count of the rest.
+#[derive(Default)]
+struct LogLimiter {
+    last_ms: AtomicU64,
+    suppressed: AtomicU64,
+}
 
-impl ClientContext for DeliveryContext {}
+const LOG_INTERVAL_MS: u64 = 5_000;
+
+impl LogLimiter {
+    /// Whether to log now; if so, how many were suppressed since last time.
+    fn admit(&self) -> Option<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= LOG_INTERVAL_MS
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+#[derive(Default)]
+struct DeliveryContext {
+    limiter: LogLimiter,
+}
+
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error | L::Warning => {
+                if let Some(suppressed) = self.limiter.admit() {
+                    tracing::warn!(target: "librdkafka", facility, suppressed, "{message}");
+                }
+            }
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Some(suppressed) = self.limiter.admit() {
+            tracing::warn!(target: "librdkafka", %error, suppressed, "{reason}");
+        }
+    }
+
+    fn stats(&self, stats: rdkafka::Statistics) {
+        use crate::ops::metrics as m;
+        metrics::gauge!(m::KAFKA_QUEUE_MESSAGES).set(stats.msg_cnt as f64);
+        metrics::gauge!(m::KAFKA_QUEUE_BYTES).set(stats.msg_size as f64);
+        let (mut retries, mut errors) = (0, 0);
+        for (name, broker) in &stats.brokers {
+            retries += broker.txretries;
+            errors += broker.txerrs + broker.rxerrs;
+            if let Some(rtt) = &broker.rtt {
+                metrics::gauge!(m::KAFKA_BROKER_RTT_SECONDS, "broker" => name.clone())
+                    .set(rtt.avg as f64 / 1e6);
+            }
+        }
+        metrics::counter!(m::KAFKA_RETRIES).absolute(retries);
+        metrics::counter!(m::KAFKA_REQUEST_ERRORS).absolute(errors);
+    }
+}
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = Arc<BatchTracker>;
@@ -105,10 +180,20 @@ impl ProducerContext for DeliveryContext {
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .and_then(|s| Uuid::parse_str(s).ok())
                 .unwrap_or_else(Uuid::nil);
+            record_broker_error(err);
             tracker.fail(id, classify(err));
         }
         tracker.complete_one();
     }
+}
+
+/// Counts a broker error by its code (a bounded set of names).
+fn record_broker_error(err: &KafkaError) {
+    let kind = match err.rdkafka_error_code() {
+        Some(code) => format!("{code:?}"),
+        None => "Other".to_string(),
+    };
+    metrics::counter!(crate::ops::metrics::BROKER_ERRORS, "kind" => kind).increment(1);
 }
 
 /// Whether a broker error can go away by itself.
@@ -149,7 +234,7 @@ impl KafkaSink {
     pub fn new(config: &KafkaConfig) -> Result<Self, SinkError> {
         let cc = client_config(config);
         let producer = cc
-            .create_with_context(DeliveryContext)
+            .create_with_context(DeliveryContext::default())
             .map(Arc::new)
             .map_err(|e| SinkError::Permanent(format!("kafka producer: {e}")))?;
         let admin = cc
@@ -284,6 +369,7 @@ impl Sink for KafkaSink {
                         tokio::time::sleep(QUEUE_FULL_WAIT).await;
                     }
                     Err((err, _)) => {
+                        record_broker_error(&err);
                         tracker.fail(event.id, classify(&err));
                         tracker.complete_one();
                         break;
@@ -296,7 +382,7 @@ impl Sink for KafkaSink {
 
     async fn check(&self) -> Result<(), SinkError> {
         let producer = Arc::clone(&self.producer);
-        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, ADMIN_TIMEOUT))
+        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, CHECK_TIMEOUT))
             .await
             .map_err(|e| SinkError::Transient(format!("metadata task: {e}")))?
             .map(|_| ())

@@ -15,10 +15,14 @@ use sqlx::Row;
 
 use crate::error::StoreError;
 use crate::event::{JsonBytes, OutboxEvent};
-use crate::relay::{Ack, Claim, EventSource};
+use crate::relay::{Ack, Backlog, Claim, EventSource};
 use crate::store::Names;
 
+/// Backlog counts stop here, so sampling a huge backlog stays cheap.
+pub const BACKLOG_COUNT_CAP: i64 = 1_000_000;
+
 struct PartitionSql {
+    backlog: String,
     fetch: String,
     ack: String,
     vacuum: String,
@@ -37,6 +41,11 @@ impl PgSource {
             .map(|p| {
                 let t = names.partition(p);
                 PartitionSql {
+                    backlog: format!(
+                        "select {p}, (select count(*) from (select 1 from {t} limit {BACKLOG_COUNT_CAP}) x),
+                                (select extract(epoch from now() - created_at)::float8
+                                   from {t} order by position limit 1)"
+                    ),
                     fetch: format!(
                         "select position, id, aggregate_type, aggregate_id, event_type, payload,
                                 headers, topic, (extract(epoch from created_at) * 1000)::int8
@@ -134,6 +143,27 @@ impl EventSource for PgSource {
                 }
             })
         }
+    }
+
+    async fn backlog(&self, partitions: &[u32]) -> Result<Vec<Backlog>, StoreError> {
+        if partitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let parts: Result<Vec<&str>, StoreError> = partitions
+            .iter()
+            .map(|p| self.sql(*p).map(|s| s.backlog.as_str()))
+            .collect();
+        let sql = parts?.join(" union all ");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Backlog {
+                    partition: r.try_get::<i32, _>(0)? as u32,
+                    pending: r.try_get::<i64, _>(1)?.max(0) as u64,
+                    oldest_age_secs: r.try_get(2)?,
+                })
+            })
+            .collect()
     }
 
     fn maintain(&self, partition: u32) -> impl Future<Output = Result<(), StoreError>> + Send {
