@@ -383,6 +383,21 @@ pub struct RelayConfig {
     /// Backoff after a failure, growing with jitter from min to max.
     pub retry_backoff_min_ms: u64,
     pub retry_backoff_max_ms: u64,
+    /// What to do with an event the broker refuses for good.
+    pub poison_policy: PoisonPolicy,
+    /// Tries of such an event before the policy applies.
+    pub max_attempts: u32,
+}
+
+/// What happens to an event the broker refuses for good (too large, invalid
+/// topic, not authorized) once its attempts are used up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PoisonPolicy {
+    /// Move it to `outbox_dead_letters`; the partition goes on.
+    Park,
+    /// Keep retrying it: strict order, the partition stops until an operator acts.
+    Block,
 }
 
 impl Default for RelayConfig {
@@ -396,6 +411,8 @@ impl Default for RelayConfig {
             shutdown_timeout_ms: 30_000,
             retry_backoff_min_ms: 100,
             retry_backoff_max_ms: 5_000,
+            poison_policy: PoisonPolicy::Park,
+            max_attempts: 5,
         }
     }
 }
@@ -420,6 +437,9 @@ impl RelayConfig {
                 "relay.max_inflight_batches",
                 "must be between 1 and 64",
             ));
+        }
+        if self.max_attempts == 0 {
+            return Err(ConfigError::new("relay.max_attempts", "must be at least 1"));
         }
         if self.retry_backoff_min_ms == 0 || self.retry_backoff_max_ms < self.retry_backoff_min_ms {
             return Err(ConfigError::new(
@@ -526,6 +546,14 @@ mod tests {
     fn wrong_types_name_the_line() {
         let err = Config::from_toml("[relay]\n\nbatch_size = \"many\"\n").unwrap_err();
         assert!(err.to_string().contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn poison_policy_is_read() {
+        let c = Config::from_toml("[relay]\npoison_policy = \"block\"\n").unwrap();
+        assert_eq!(c.relay.poison_policy, PoisonPolicy::Block);
+        let err = Config::from_toml("[relay]\npoison_policy = \"drop\"\n").unwrap_err();
+        assert!(err.to_string().contains("park"), "{err}");
     }
 
     #[test]

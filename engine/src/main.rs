@@ -59,12 +59,19 @@ enum Command {
         /// Number of hash partitions of the outbox.
         #[arg(long, env = "OUTBOX_PARTITIONS")]
         partitions: u32,
+        /// Largest payload (bytes of stored jsonb) the outbox accepts;
+        /// default 1 MiB for a new schema, unchanged for an existing one.
+        #[arg(long)]
+        max_payload_bytes: Option<u32>,
     },
     /// Run a relay node until SIGTERM or SIGINT.
     Run(RunArgs),
     /// Validate the configuration `run` would use (flags, environment,
     /// file) without connecting anywhere, and print it with secrets masked.
     CheckConfig(RunArgs),
+    /// Manage events parked in the dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Show partitions, owners and backlog.
     Status {
         /// Print JSON instead of a table.
@@ -73,6 +80,37 @@ enum Command {
         /// Refresh every this many seconds until interrupted.
         #[arg(long, value_name = "SECS")]
         watch: Option<f64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List parked events, oldest first.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Put parked events back into the outbox to be published again.
+    Replay {
+        /// The event id to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<Uuid>,
+        /// Replay every parked event.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete a parked event for good.
+    Drop {
+        /// The event id to drop.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<Uuid>,
+        /// Drop every parked event.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -202,16 +240,28 @@ async fn dispatch(cli: Cli) -> Result<()> {
     let config = load_config(&cli)?;
     let names = Names::new(&config.database.schema)?;
     match cli.command {
-        Command::Migrate { partitions } => {
+        Command::Migrate {
+            partitions,
+            max_payload_bytes,
+        } => {
             let pool = pgstore::connect(&config.database, 2).await?;
             let mut conn = pool.acquire().await.context("database")?;
-            match schema::migrate(&mut conn, &names.schema, partitions).await? {
+            let options = schema::MigrateOptions {
+                partitions,
+                max_payload_bytes,
+            };
+            match schema::migrate(&mut conn, &names.schema, options).await? {
                 MigrateOutcome::Created => {
                     println!(
                         "outbox ready in schema {} with {partitions} partitions",
                         names.schema
                     )
                 }
+                MigrateOutcome::PayloadLimitChanged => println!(
+                    "outbox in schema {}: payload limit set to {} bytes",
+                    names.schema,
+                    max_payload_bytes.unwrap_or_default()
+                ),
                 MigrateOutcome::AlreadyCurrent => println!(
                     "outbox in schema {} already has {partitions} partitions; nothing to do",
                     names.schema
@@ -241,12 +291,73 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Dlq(cmd) => {
+            let pool = pgstore::connect(&config.database, 2).await?;
+            pgstore::partitions(&pool, &names).await?;
+            dlq(cmd, &pool, &names).await
+        }
         Command::Run(_) => run(config, names).await,
         Command::CheckConfig(_) => {
             println!("configuration is valid\n{config:#?}");
             Ok(())
         }
     }
+}
+
+async fn dlq(cmd: DlqCommand, pool: &sqlx::PgPool, names: &Names) -> Result<()> {
+    use outbox_engine::store::dead_letters::{self, Selection};
+    let selection = |id: Option<Uuid>, all: bool| match (id, all) {
+        (Some(id), false) => Ok(Selection::One(id)),
+        (None, true) => Ok(Selection::All),
+        _ => Err(anyhow!("give an event id or --all")),
+    };
+    match cmd {
+        DlqCommand::List { json, limit } => {
+            let letters = dead_letters::list(pool, names, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+            } else if letters.is_empty() {
+                println!("no parked events");
+            } else {
+                println!(
+                    "{:<36}  {:>9}  {:>8}  {:<24}  {:<20}  error",
+                    "event_id", "partition", "attempts", "parked_at", "aggregate"
+                );
+                for l in letters {
+                    println!(
+                        "{:<36}  {:>9}  {:>8}  {:<24}  {:<20}  {}",
+                        l.event_id,
+                        l.partition,
+                        l.attempts,
+                        l.parked_at,
+                        format!("{}/{}", l.aggregate_type, l.aggregate_id),
+                        l.error
+                    );
+                }
+            }
+        }
+        DlqCommand::Replay { id, all } => {
+            let which = selection(id, all)?;
+            let n = dead_letters::replay(pool, names, which).await?;
+            if n == 0 {
+                if let Selection::One(id) = which {
+                    return Err(anyhow!("no parked event with id {id}"));
+                }
+            }
+            println!("replayed {n} event(s) into the outbox");
+        }
+        DlqCommand::Drop { id, all } => {
+            let which = selection(id, all)?;
+            let n = dead_letters::drop(pool, names, which).await?;
+            if n == 0 {
+                if let Selection::One(id) = which {
+                    return Err(anyhow!("no parked event with id {id}"));
+                }
+            }
+            println!("dropped {n} parked event(s)");
+        }
+    }
+    Ok(())
 }
 
 async fn run(config: Config, names: Names) -> Result<()> {

@@ -73,9 +73,13 @@ impl TestDb {
         let url = url_for(&name);
         let pool = PgPool::connect(&url).await.expect("connect test database");
         let mut conn = pool.acquire().await.expect("conn");
-        schema::migrate(&mut conn, "public", partitions)
-            .await
-            .expect("migrate");
+        schema::migrate(
+            &mut conn,
+            "public",
+            schema::MigrateOptions::partitions(partitions),
+        )
+        .await
+        .expect("migrate");
         TestDb {
             name,
             url,

@@ -186,6 +186,7 @@ impl<S: EventSource, K: Sink, L: LeaseStore> Node<S, K, L> {
         let signals = Signals::default();
         let worker = Worker::new(
             claim,
+            &self.member.node_id,
             Arc::clone(&self.source),
             Arc::clone(&self.sink),
             self.relay.clone(),

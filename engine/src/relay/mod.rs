@@ -33,6 +33,16 @@ pub enum Ack {
     Fenced,
 }
 
+/// A poison event on its way to the dead letters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parked {
+    pub position: i64,
+    pub error: String,
+    pub attempts: u32,
+    pub first_failed_at: std::time::SystemTime,
+    pub node_id: String,
+}
+
 /// How far behind a partition is.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backlog {
@@ -60,6 +70,14 @@ pub trait EventSource: Send + Sync + 'static {
         &self,
         claim: &Claim,
         positions: &[i64],
+    ) -> impl Future<Output = Result<Ack, StoreError>> + Send;
+
+    /// Moves a poison event out of the partition into the dead letters, if
+    /// `claim` still holds.
+    fn park(
+        &self,
+        claim: &Claim,
+        parked: &Parked,
     ) -> impl Future<Output = Result<Ack, StoreError>> + Send;
 
     /// The backlog of each of `partitions`.

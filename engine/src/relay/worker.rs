@@ -15,11 +15,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::RelayConfig;
+use crate::config::{PoisonPolicy, RelayConfig};
+use crate::error::SinkError;
 use crate::ops::metrics as m;
 use crate::relay::backoff::Backoff;
 use crate::relay::window::{settle, Window};
-use crate::relay::{Ack, Claim, EventSource};
+use crate::relay::{Ack, Claim, EventSource, Parked};
 use crate::sink::{Delivery, DeliveryReport, Sink};
 
 /// Why a worker stopped.
@@ -63,6 +64,7 @@ struct Meters {
     failed: Counter,
     store_errors: Counter,
     vacuums: Counter,
+    dead_letters: Counter,
     batch_size: Histogram,
     fetch: Histogram,
     send: Histogram,
@@ -76,7 +78,8 @@ impl Meters {
             published: metrics::counter!(m::EVENTS_PUBLISHED, "partition" => p.clone()),
             failed: metrics::counter!(m::EVENTS_FAILED, "partition" => p.clone()),
             store_errors: metrics::counter!(m::STORE_ERRORS, "partition" => p.clone()),
-            vacuums: metrics::counter!(m::VACUUMS, "partition" => p),
+            vacuums: metrics::counter!(m::VACUUMS, "partition" => p.clone()),
+            dead_letters: metrics::counter!(m::DEAD_LETTERS, "partition" => p),
             batch_size: metrics::histogram!(m::BATCH_SIZE),
             fetch: metrics::histogram!(m::FETCH_SECONDS),
             send: metrics::histogram!(m::SEND_SECONDS),
@@ -96,10 +99,19 @@ pub struct Worker<S, K> {
     last_vacuum: Instant,
     vacuum: Option<JoinHandle<()>>,
     meters: Meters,
+    node_id: String,
+    /// Events the broker refused for good: position -> (tries, first failure).
+    poison: std::collections::HashMap<i64, (u32, std::time::SystemTime)>,
 }
 
 impl<S: EventSource, K: Sink> Worker<S, K> {
-    pub fn new(claim: Claim, source: Arc<S>, sink: Arc<K>, config: RelayConfig) -> Self {
+    pub fn new(
+        claim: Claim,
+        node_id: &str,
+        source: Arc<S>,
+        sink: Arc<K>,
+        config: RelayConfig,
+    ) -> Self {
         let backoff = Backoff::new(
             Duration::from_millis(config.retry_backoff_min_ms),
             Duration::from_millis(config.retry_backoff_max_ms),
@@ -115,6 +127,8 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
             last_vacuum: Instant::now(),
             vacuum: None,
             meters: Meters::new(claim.partition),
+            node_id: node_id.to_string(),
+            poison: std::collections::HashMap::new(),
         }
     }
 
@@ -226,6 +240,21 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
                     } else {
                         self.backoff.reset();
                     }
+                    let permanent: Vec<(i64, SinkError)> = settled
+                        .failed
+                        .into_iter()
+                        .filter(|(_, e)| !e.is_retriable())
+                        .collect();
+                    if !permanent.is_empty() {
+                        if let Some(exit) = self.handle_poison(permanent).instrument(span.clone()).await {
+                            return exit;
+                        }
+                    }
+                    if !self.poison.is_empty() {
+                        for p in &settled.acked {
+                            self.poison.remove(p);
+                        }
+                    }
                     if !settled.acked.is_empty() {
                         let started = Instant::now();
                         match self.acknowledge(&settled.acked, signals).instrument(span).await {
@@ -243,6 +272,59 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
                 _ = tokio::time::sleep_until(next_fetch), if may_fetch_later => {}
             }
         }
+    }
+
+    /// Counts a try of each event the broker refused for good; once an event
+    /// used up its tries, parks it or (policy `block`) says loudly that the
+    /// partition is stuck on it.
+    async fn handle_poison(&mut self, failed: Vec<(i64, SinkError)>) -> Option<Exit> {
+        let partition = self.claim.partition;
+        for (position, error) in failed {
+            let entry = self
+                .poison
+                .entry(position)
+                .or_insert((0, std::time::SystemTime::now()));
+            entry.0 += 1;
+            let (attempts, first_failed_at) = *entry;
+            if attempts < self.config.max_attempts {
+                continue;
+            }
+            match self.config.poison_policy {
+                PoisonPolicy::Block => {
+                    tracing::error!(
+                        partition,
+                        position,
+                        attempts,
+                        %error,
+                        "partition blocked: the broker refuses this event for good \
+                         (poison_policy = block); fix the cause or switch to park"
+                    );
+                }
+                PoisonPolicy::Park => {
+                    let parked = Parked {
+                        position,
+                        error: error.to_string(),
+                        attempts,
+                        first_failed_at,
+                        node_id: self.node_id.clone(),
+                    };
+                    match self.source.park(&self.claim, &parked).await {
+                        Ok(Ack::Done { removed }) => {
+                            self.poison.remove(&position);
+                            self.deleted_since_vacuum += removed;
+                            self.meters.dead_letters.increment(removed);
+                            tracing::warn!(partition, position, attempts, %error, "event parked in outbox_dead_letters");
+                        }
+                        Ok(Ack::Fenced) => return Some(Exit::Fenced),
+                        Err(error) => {
+                            self.meters.store_errors.increment(1);
+                            tracing::warn!(partition, position, %error, "could not park event; will retry");
+                        }
+                    }
+                }
+            }
+        }
+        None
     }
 
     /// Acknowledges `positions`, retrying while the store is unreachable.

@@ -10,6 +10,7 @@ use sqlx::Connection;
 use crate::config::{validate_identifier, DatabaseConfig};
 use crate::error::StoreError;
 
+pub mod dead_letters;
 pub mod leases;
 pub mod schema;
 pub mod source;

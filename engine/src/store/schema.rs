@@ -19,13 +19,17 @@ pub const SCHEMA_VERSION: i32 = 1;
 /// Most partitions an outbox may have.
 pub const MAX_PARTITIONS: u32 = 1024;
 
+/// Largest payload the schema accepts unless told otherwise (bytes of the
+/// stored `jsonb`, as `pg_column_size` counts them).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: u32 = 1024 * 1024;
+
 /// Name of a partition's table, unqualified.
 pub fn partition_table(partition: u32) -> String {
     format!("outbox_p{partition}")
 }
 
 /// The statements that create the layout, each idempotent.
-pub fn ddl(schema: &str, partitions: u32) -> Vec<String> {
+pub fn ddl(schema: &str, partitions: u32, max_payload_bytes: u32) -> Vec<String> {
     let s = schema;
     let mut stmts = vec![
         format!("create schema if not exists {s}"),
@@ -54,7 +58,8 @@ pub fn ddl(schema: &str, partitions: u32) -> Vec<String> {
                 aggregate_id text not null
                     constraint outbox_aggregate_id_not_empty check (aggregate_id <> ''),
                 event_type text not null,
-                payload jsonb not null,
+                payload jsonb not null
+                    constraint outbox_payload_size check (pg_column_size(payload) <= {max_payload_bytes}),
                 headers jsonb
                     constraint outbox_headers_object_of_strings check ({s}.outbox_headers_valid(headers)),
                 topic text,
@@ -92,6 +97,25 @@ pub fn ddl(schema: &str, partitions: u32) -> Vec<String> {
             last = partitions as i64 - 1
         ),
         format!(
+            "create table if not exists {s}.outbox_dead_letters (
+                event_id uuid primary key,
+                partition int not null,
+                position bigint not null,
+                aggregate_type text not null,
+                aggregate_id text not null,
+                event_type text not null,
+                payload jsonb not null,
+                headers jsonb,
+                topic text,
+                created_at timestamptz not null,
+                error text not null,
+                attempts int not null,
+                first_failed_at timestamptz not null,
+                parked_at timestamptz not null default now(),
+                parked_by text
+            )"
+        ),
+        format!(
             "create table if not exists {s}.outbox_nodes (
                 node_id text primary key,
                 incarnation uuid not null,
@@ -109,6 +133,25 @@ pub fn ddl(schema: &str, partitions: u32) -> Vec<String> {
 pub enum MigrateOutcome {
     Created,
     AlreadyCurrent,
+    /// The schema was there; the payload limit changed.
+    PayloadLimitChanged,
+}
+
+/// What `migrate` is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrateOptions {
+    pub partitions: u32,
+    /// `None`: keep the current limit (the default for a new schema).
+    pub max_payload_bytes: Option<u32>,
+}
+
+impl MigrateOptions {
+    pub fn partitions(partitions: u32) -> Self {
+        Self {
+            partitions,
+            max_payload_bytes: None,
+        }
+    }
 }
 
 /// Creates the layout with `partitions` partitions, or checks that the one
@@ -117,8 +160,9 @@ pub enum MigrateOutcome {
 pub async fn migrate(
     conn: &mut PgConnection,
     schema: &str,
-    partitions: u32,
+    options: MigrateOptions,
 ) -> Result<MigrateOutcome, StoreError> {
+    let partitions = options.partitions;
     validate_identifier("database.schema", schema)?;
     if !(1..=MAX_PARTITIONS).contains(&partitions) {
         return Err(StoreError::Schema(format!(
@@ -143,23 +187,53 @@ pub async fn migrate(
         }
         let version = read_meta(&mut tx, schema, "schema_version").await?;
         if version.as_deref() == Some(&SCHEMA_VERSION.to_string()) {
+            let current = read_meta(&mut tx, schema, "max_payload_bytes").await?;
+            let outcome = match options.max_payload_bytes {
+                Some(max) if current.as_deref() != Some(&max.to_string()) => {
+                    set_payload_limit(&mut tx, schema, max).await?;
+                    MigrateOutcome::PayloadLimitChanged
+                }
+                _ => MigrateOutcome::AlreadyCurrent,
+            };
             tx.commit().await?;
-            return Ok(MigrateOutcome::AlreadyCurrent);
+            return Ok(outcome);
         }
     }
-    for stmt in ddl(schema, partitions) {
+    let max_payload = options
+        .max_payload_bytes
+        .unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES);
+    for stmt in ddl(schema, partitions, max_payload) {
         sqlx::query(&stmt).execute(&mut *tx).await?;
     }
     sqlx::query(&format!(
-        "insert into {schema}.outbox_meta (key, value) values ('partitions', $1), ('schema_version', $2)
+        "insert into {schema}.outbox_meta (key, value)
+         values ('partitions', $1), ('schema_version', $2), ('max_payload_bytes', $3)
          on conflict (key) do update set value = excluded.value"
     ))
     .bind(partitions.to_string())
     .bind(SCHEMA_VERSION.to_string())
+    .bind(max_payload.to_string())
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
     Ok(MigrateOutcome::Created)
+}
+
+/// Replaces the payload size check (existing rows are checked against it).
+async fn set_payload_limit(
+    conn: &mut PgConnection,
+    schema: &str,
+    max: u32,
+) -> Result<(), StoreError> {
+    sqlx::raw_sql(&format!(
+        "alter table {schema}.outbox drop constraint if exists outbox_payload_size;
+         alter table {schema}.outbox add constraint outbox_payload_size
+            check (pg_column_size(payload) <= {max});
+         update {schema}.outbox_meta set value = '{max}' where key = 'max_payload_bytes'"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// The partition count of the outbox in `schema`, if it was migrated.
@@ -203,7 +277,7 @@ mod tests {
 
     #[test]
     fn ddl_has_one_table_per_partition() {
-        let stmts = ddl("app", 4);
+        let stmts = ddl("app", 4, 1000);
         let parts: Vec<_> = stmts
             .iter()
             .filter(|s| s.contains("partition of app.outbox"))

@@ -15,13 +15,14 @@ use sqlx::Row;
 
 use crate::error::StoreError;
 use crate::event::{JsonBytes, OutboxEvent};
-use crate::relay::{Ack, Backlog, Claim, EventSource};
+use crate::relay::{Ack, Backlog, Claim, EventSource, Parked};
 use crate::store::Names;
 
 /// Backlog counts stop here, so sampling a huge backlog stays cheap.
 pub const BACKLOG_COUNT_CAP: i64 = 1_000_000;
 
 struct PartitionSql {
+    park: String,
     backlog: String,
     fetch: String,
     ack: String,
@@ -37,10 +38,37 @@ pub struct PgSource {
 impl PgSource {
     pub fn new(pool: PgPool, names: &Names, partitions: u32) -> Self {
         let leases = names.table("outbox_leases");
+        let dead = names.table("outbox_dead_letters");
         let sql = (0..partitions)
             .map(|p| {
                 let t = names.partition(p);
                 PartitionSql {
+                    // Fenced like `ack`; the row moves in one statement, so
+                    // it is either in the outbox or in the dead letters.
+                    park: format!(
+                        "with fence as (
+                            select 1 from {leases}
+                            where partition = $1 and epoch = $2 and incarnation = $3
+                            for share
+                         ), moved as (
+                            delete from {t}
+                            where position = $4 and exists (select 1 from fence)
+                            returning *
+                         ), parked as (
+                            insert into {dead} (event_id, partition, position, aggregate_type,
+                                aggregate_id, event_type, payload, headers, topic, created_at,
+                                error, attempts, first_failed_at, parked_by)
+                            select id, $1, position, aggregate_type, aggregate_id, event_type,
+                                   payload, headers, topic, created_at, $5, $6, to_timestamp($7), $8
+                              from moved
+                            on conflict (event_id) do update
+                               set error = excluded.error, attempts = excluded.attempts,
+                                   position = excluded.position, parked_at = now(),
+                                   parked_by = excluded.parked_by
+                            returning 1
+                         )
+                         select (select count(*) from fence), (select count(*) from parked)"
+                    ),
                     backlog: format!(
                         "select {p}, (select count(*) from (select 1 from {t} limit {BACKLOG_COUNT_CAP}) x),
                                 (select extract(epoch from now() - created_at)::float8
@@ -143,6 +171,35 @@ impl EventSource for PgSource {
                 }
             })
         }
+    }
+
+    async fn park(&self, claim: &Claim, parked: &Parked) -> Result<Ack, StoreError> {
+        let sql = &self.sql(claim.partition)?.park;
+        let first_failed = parked
+            .first_failed_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let row = sqlx::query(sql)
+            .bind(claim.partition as i32)
+            .bind(claim.epoch)
+            .bind(claim.incarnation)
+            .bind(parked.position)
+            .bind(&parked.error)
+            .bind(parked.attempts as i32)
+            .bind(first_failed)
+            .bind(&parked.node_id)
+            .fetch_one(&self.pool)
+            .await?;
+        let held: i64 = row.try_get(0)?;
+        let moved: i64 = row.try_get(1)?;
+        Ok(if held == 0 {
+            Ack::Fenced
+        } else {
+            Ack::Done {
+                removed: moved as u64,
+            }
+        })
     }
 
     async fn backlog(&self, partitions: &[u32]) -> Result<Vec<Backlog>, StoreError> {
