@@ -636,4 +636,57 @@ mod tests {
         assert_eq!(redact_url("postgres://u@h/d"), "postgres://u@h/d");
         assert_eq!(redact_url("postgres://h:5432/d"), "postgres://h:5432/d");
     }
+
+    #[test]
+    fn http_endpoint_defaults_to_localhost() {
+        let addr = HttpConfig::default().socket_addr().unwrap().unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+        assert_eq!(
+            HttpConfig { addr: "off".into() }.socket_addr().unwrap(),
+            None
+        );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Arbitrary text is parsed or refused with a message, never a panic.
+            #[test]
+            fn parser_never_panics(text in any::<String>()) {
+                if let Ok(c) = Config::from_toml(&text) {
+                    let _ = c.validate();
+                }
+            }
+
+            /// Arbitrary TOML-shaped input: sections and keys the parser knows
+            /// and does not know, values of every type.
+            #[test]
+            fn toml_shaped_input_never_panics(
+                section in prop::sample::select(vec!["database", "kafka", "relay", "cluster", "http", "kafka.properties", "other"]),
+                key in prop::sample::select(vec!["url", "brokers", "batch_size", "node_id", "addr", "poison_policy", "x"]),
+                value in prop::sample::select(vec!["1", "-1", "\"\"", "\"a b\"", "true", "[]", "{}", "1e99", "18446744073709551616"]),
+            ) {
+                let text = format!("[{section}]\n{key} = {value}\n");
+                match Config::from_toml(&text) {
+                    Ok(c) => { let _ = c.validate(); }
+                    Err(e) => prop_assert!(!e.message.is_empty()),
+                }
+            }
+
+            /// Whatever the URL, its password does not survive redaction.
+            #[test]
+            fn redaction_hides_passwords(user in "[a-z]{1,8}", pw in "[A-Za-z0-9]{6,16}", host in "[a-z]{1,8}") {
+                let url = format!("postgres://{user}:{pw}@{host}:5432/db?password={pw}");
+                let shown = redact_url(&url);
+                prop_assert!(!shown.contains(&pw), "{}", shown);
+            }
+
+            #[test]
+            fn redaction_never_panics(url in any::<String>()) {
+                let _ = redact_url(&url);
+            }
+        }
+    }
 }

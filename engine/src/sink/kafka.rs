@@ -27,6 +27,9 @@ use crate::error::SinkError;
 use crate::event::OutboxEvent;
 use crate::sink::{routing, Delivery, DeliveryReport, Sink};
 
+/// The error of events held back behind a refused event of their batch.
+pub const HELD_BACK: &str = "not sent: an earlier event of the batch was refused";
+
 /// How long the sink waits when librdkafka's queue is full before retrying.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -123,9 +126,15 @@ impl LogLimiter {
     }
 }
 
+/// Topics known to exist, shared with the delivery callback, which forgets
+/// a topic the broker says it does not know (deleted, or a broker that lost
+/// its state) so that the next batch creates it again.
+type TopicCache = Arc<RwLock<AHashSet<String>>>;
+
 #[derive(Default)]
 struct DeliveryContext {
     limiter: LogLimiter,
+    known_topics: TopicCache,
 }
 
 impl ClientContext for DeliveryContext {
@@ -181,6 +190,14 @@ impl ProducerContext for DeliveryContext {
                 .and_then(|s| Uuid::parse_str(s).ok())
                 .unwrap_or_else(Uuid::nil);
             record_broker_error(err);
+            if matches!(
+                err.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+            ) {
+                if let Ok(mut topics) = self.known_topics.write() {
+                    topics.remove(msg.topic());
+                }
+            }
             tracker.fail(id, classify(err));
         }
         tracker.complete_one();
@@ -227,14 +244,19 @@ pub struct KafkaSink {
     producer: Arc<ThreadedProducer<DeliveryContext>>,
     admin: AdminClient<DefaultClientContext>,
     config: KafkaConfig,
-    known_topics: RwLock<AHashSet<String>>,
+    known_topics: TopicCache,
 }
 
 impl KafkaSink {
     pub fn new(config: &KafkaConfig) -> Result<Self, SinkError> {
         let cc = client_config(config);
+        let known_topics = TopicCache::default();
+        let context = DeliveryContext {
+            limiter: LogLimiter::default(),
+            known_topics: Arc::clone(&known_topics),
+        };
         let producer = cc
-            .create_with_context(DeliveryContext::default())
+            .create_with_context(context)
             .map(Arc::new)
             .map_err(|e| SinkError::Permanent(format!("kafka producer: {e}")))?;
         let admin = cc
@@ -244,7 +266,7 @@ impl KafkaSink {
             producer,
             admin,
             config: config.clone(),
-            known_topics: RwLock::new(AHashSet::new()),
+            known_topics,
         })
     }
 
@@ -334,10 +356,19 @@ impl Sink for KafkaSink {
             failed: Mutex::new(Vec::new()),
             done: Mutex::new(Some(tx)),
         });
+        // Once an event is refused, the rest of the batch is not sent: the
+        // events after it must not overtake it (they are retried with it).
+        let mut refused = false;
         for (i, event) in events.iter().enumerate() {
+            if refused {
+                tracker.fail(event.id, SinkError::Transient(HELD_BACK.into()));
+                tracker.complete_one();
+                continue;
+            }
             if let Some(err) = permanent[i].take() {
                 tracker.fail(event.id, err);
                 tracker.complete_one();
+                refused = true;
                 continue;
             }
             let headers = match routing::headers(event) {
@@ -345,6 +376,7 @@ impl Sink for KafkaSink {
                 Err(err) => {
                     tracker.fail(event.id, err);
                     tracker.complete_one();
+                    refused = true;
                     continue;
                 }
             };
@@ -372,6 +404,7 @@ impl Sink for KafkaSink {
                         record_broker_error(&err);
                         tracker.fail(event.id, classify(&err));
                         tracker.complete_one();
+                        refused = true;
                         break;
                     }
                 }

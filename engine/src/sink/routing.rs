@@ -146,4 +146,74 @@ mod tests {
         e.headers = Some(br#"[1]"#.to_vec());
         assert!(!headers(&e).unwrap_err().is_retriable());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_event() -> impl Strategy<Value = OutboxEvent> {
+            (
+                any::<String>(),
+                any::<String>(),
+                any::<String>(),
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+                proptest::option::of(any::<String>()),
+                proptest::option::of(proptest::collection::btree_map(
+                    any::<String>(),
+                    any::<String>(),
+                    0..4,
+                )),
+            )
+                .prop_map(|(agg_type, agg_id, event_type, raw, topic, map)| {
+                    OutboxEvent {
+                        position: 1,
+                        id: Uuid::nil(),
+                        aggregate_type: agg_type,
+                        aggregate_id: agg_id,
+                        event_type,
+                        payload: b"{}".to_vec(),
+                        // Either arbitrary bytes or a valid object of strings.
+                        headers: map
+                            .map(|m| serde_json::to_vec(&m).unwrap_or_default())
+                            .or(raw),
+                        topic,
+                        created_at_ms: 0,
+                    }
+                })
+        }
+
+        proptest! {
+            /// No row, however odd, makes the mapping panic; every refusal
+            /// is permanent; valid header objects always pass through.
+            #[test]
+            fn mapping_never_panics(event in any_event(), prefix in "[a-z.]{0,8}") {
+                let t = topic(&event, &prefix);
+                if let Err(e) = check_topic(&t) {
+                    prop_assert!(!e.is_retriable());
+                }
+                match headers(&event) {
+                    Ok(h) => {
+                        prop_assert!(h.len() >= 3);
+                        prop_assert_eq!(h[0].0.as_ref(), HEADER_ID);
+                    }
+                    Err(e) => prop_assert!(!e.is_retriable()),
+                }
+            }
+
+            #[test]
+            fn string_headers_always_map(map in proptest::collection::btree_map("[a-z]{1,8}", any::<String>(), 0..6)) {
+                let mut e = event();
+                e.headers = Some(serde_json::to_vec(&map).unwrap());
+                let h = headers(&e).unwrap();
+                let reserved = map.keys().filter(|k| matches!(k.as_str(), HEADER_ID | HEADER_EVENT_TYPE | HEADER_AGGREGATE_TYPE)).count();
+                prop_assert_eq!(h.len(), 3 + map.len() - reserved);
+            }
+
+            #[test]
+            fn legal_topic_names_are_accepted(name in "[a-zA-Z0-9._-]{1,249}") {
+                prop_assume!(name != "." && name != "..");
+                prop_assert!(check_topic(&name).is_ok());
+            }
+        }
+    }
 }

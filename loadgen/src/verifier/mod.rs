@@ -1,0 +1,342 @@
+//! The verifier: a Kafka consumer on a thread of its own that reads every
+//! partition of the run's topics, keeps the messages of this run (by the
+//! `loadgen_run` header), and matches them with the commits the writers
+//! report, until everything committed arrived or the drain timeout passed.
+//!
+//! It assigns partitions instead of joining a group (group joins are slow
+//! on tansu). Topics loadgen creates are read from the beginning; topics
+//! that already existed from the end, positioned before the load starts.
+//!
+//! TODO: broker-append latency. The engine sets each message's timestamp
+//! to the row's `created_at`, so the message timestamp is not the append
+//! time; measuring it needs `LogAppendTime` topics or broker-side metrics.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde::Deserialize;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::mpsc::UnboundedReceiver;
+use uuid::Uuid;
+
+use crate::cli::RunConfig;
+use crate::clock::Clock;
+use crate::progress::Counters;
+use crate::writer::{CommitBatch, RUN_HEADER};
+
+pub mod tally;
+
+pub use tally::{DuplicateSample, Location, Tally};
+
+/// How long reaching the broker may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a topic may take to appear in metadata after it was created.
+const TOPIC_WAIT: Duration = Duration::from_secs(15);
+/// How long the consumer polls after assigning before the load starts, so
+/// that "end" offsets are resolved before the first event is written.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Where the verifier starts reading a topic.
+#[derive(Debug, Clone)]
+pub struct TopicStart {
+    pub topic: String,
+    pub partitions: i32,
+    /// Created by loadgen (read from the beginning) or already there
+    /// (read from the end).
+    pub created: bool,
+}
+
+/// A consumer assigned to every partition of the run's topics, not yet
+/// reading.
+pub struct Verifier {
+    consumer: BaseConsumer,
+    run_id: String,
+    pub topics: Vec<TopicStart>,
+}
+
+/// The payload fields the verifier reads; the rest is skipped.
+#[derive(Deserialize)]
+struct Seq {
+    seq: u64,
+}
+
+fn consumer_config(brokers: &str, run_id: &str) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", brokers)
+        // Never joined (partitions are assigned); librdkafka wants one anyway.
+        .set("group.id", format!("loadgen-{run_id}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        // The default 500 ms would show up as latency on idle partitions.
+        .set("fetch.wait.max.ms", "10")
+        .set("socket.connection.setup.timeout.ms", "5000");
+    cc
+}
+
+impl Verifier {
+    /// Reaches the broker, creates missing topics, assigns every partition.
+    pub async fn connect(config: &RunConfig, run_id: &str) -> Result<Self> {
+        let brokers = config.kafka_brokers.clone();
+        let consumer: BaseConsumer = consumer_config(&brokers, run_id)
+            .create()
+            .context("creating the Kafka consumer")?;
+        let consumer = tokio::task::spawn_blocking(move || {
+            consumer
+                .fetch_metadata(None, CONNECT_TIMEOUT)
+                .map(|_| consumer)
+        })
+        .await?
+        .map_err(|e| anyhow!("cannot reach Kafka brokers at {brokers}: {e}"))?;
+
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &config.kafka_brokers)
+            .create()
+            .context("creating the Kafka admin client")?;
+        let mut created = Vec::new();
+        for topic in config.topics() {
+            created.push(create_topic(&admin, &topic, config.topic_partitions).await?);
+        }
+        let names = config.topics();
+        let (consumer, topics) = tokio::task::spawn_blocking(move || {
+            let topics = assign(&consumer, &names, &created)?;
+            settle(&consumer);
+            Ok::<_, anyhow::Error>((consumer, topics))
+        })
+        .await??;
+        Ok(Self {
+            consumer,
+            run_id: run_id.to_string(),
+            topics,
+        })
+    }
+
+    /// Reads on a thread of its own until every committed event arrived
+    /// after the writers finished (the channel closed), `drain` passed
+    /// after that, or `abort` is set.
+    pub fn spawn(
+        self,
+        commits: UnboundedReceiver<CommitBatch>,
+        clock: Clock,
+        counters: Arc<Counters>,
+        drain: Duration,
+        abort: Arc<AtomicBool>,
+    ) -> Result<JoinHandle<Result<Outcome>>> {
+        std::thread::Builder::new()
+            .name("verifier".into())
+            .spawn(move || self.run(commits, clock, &counters, drain, &abort))
+            .context("starting the verifier thread")
+    }
+
+    fn run(
+        self,
+        mut commits: UnboundedReceiver<CommitBatch>,
+        clock: Clock,
+        counters: &Counters,
+        drain: Duration,
+        abort: &AtomicBool,
+    ) -> Result<Outcome> {
+        let mut tally = Tally::new()?;
+        let mut drain_deadline: Option<Instant> = None;
+        let mut last_p99 = Instant::now();
+        let mut last_error: Option<(String, Instant)> = None;
+        loop {
+            loop {
+                match commits.try_recv() {
+                    Ok(batch) => tally.on_commit(&batch),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        drain_deadline.get_or_insert_with(|| Instant::now() + drain);
+                        break;
+                    }
+                }
+            }
+            if let Some(deadline) = drain_deadline {
+                if tally.missing() == 0 {
+                    return Ok(Outcome::new(tally, true, clock.now_us()));
+                }
+                if Instant::now() >= deadline {
+                    return Ok(Outcome::new(tally, false, clock.now_us()));
+                }
+            }
+            if abort.load(Ordering::Relaxed) {
+                return Ok(Outcome::new(tally, false, clock.now_us()));
+            }
+            // Take whatever is buffered, then go back to the channel.
+            let mut timeout = Duration::from_millis(20);
+            for _ in 0..10_000 {
+                match self.consumer.poll(timeout) {
+                    None => break,
+                    Some(Ok(m)) => {
+                        self.handle(&m, &mut tally, clock.now_us(), counters);
+                    }
+                    Some(Err(e)) => {
+                        // Transport errors repeat while the broker is away;
+                        // librdkafka reconnects by itself. Say it once a second.
+                        let msg = e.to_string();
+                        let repeat = last_error.as_ref().is_some_and(|(m, at)| {
+                            *m == msg && at.elapsed() < Duration::from_secs(1)
+                        });
+                        if !repeat {
+                            eprintln!("loadgen: consumer: {msg}");
+                            last_error = Some((msg, Instant::now()));
+                        }
+                        break;
+                    }
+                }
+                timeout = Duration::ZERO;
+            }
+            if last_p99.elapsed() >= Duration::from_millis(250) {
+                counters
+                    .p99_us
+                    .store(tally.latency.value_at_quantile(0.99), Ordering::Relaxed);
+                last_p99 = Instant::now();
+            }
+        }
+    }
+
+    fn handle(&self, m: &BorrowedMessage<'_>, tally: &mut Tally, now_us: u64, counters: &Counters) {
+        let Some(headers) = m.headers() else { return };
+        let mut id = None;
+        let mut ours = false;
+        for h in headers.iter() {
+            match h.key {
+                "id" => {
+                    id = h
+                        .value
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .and_then(|s| Uuid::parse_str(s).ok())
+                }
+                RUN_HEADER => ours = h.value == Some(self.run_id.as_bytes()),
+                _ => {}
+            }
+        }
+        if !ours {
+            return;
+        }
+        let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
+        let seq = m
+            .payload()
+            .and_then(|p| serde_json::from_slice::<Seq>(p).ok());
+        let (Some(id), Some(key), Some(seq)) = (id, key, seq) else {
+            tally.malformed += 1;
+            return;
+        };
+        let at = Location {
+            partition: m.partition(),
+            offset: m.offset(),
+        };
+        if tally.on_message(id, key, seq.seq, at, now_us) {
+            counters.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Creates `topic` with `partitions` partitions; `Ok(false)` if it existed.
+async fn create_topic(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+    partitions: i32,
+) -> Result<bool> {
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(CONNECT_TIMEOUT));
+    let results = admin
+        .create_topics([&new], &opts)
+        .await
+        .with_context(|| format!("creating topic {topic}"))?;
+    match results.into_iter().next() {
+        Some(Ok(_)) => Ok(true),
+        Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(false),
+        Some(Err((name, code))) => bail!("creating topic {name}: {code}"),
+        None => bail!("creating topic {topic}: the broker did not answer for it"),
+    }
+}
+
+/// Waits until every topic shows its partitions in metadata, then assigns
+/// them all: new topics from the beginning, existing ones from the end.
+fn assign(consumer: &BaseConsumer, names: &[String], created: &[bool]) -> Result<Vec<TopicStart>> {
+    let mut topics = Vec::new();
+    let mut tpl = TopicPartitionList::new();
+    for (name, &created) in names.iter().zip(created) {
+        let partitions = wait_for_topic(consumer, name)?;
+        let from = if created {
+            Offset::Beginning
+        } else {
+            Offset::End
+        };
+        for p in 0..partitions {
+            tpl.add_partition_offset(name, p, from)
+                .with_context(|| format!("assigning {name}/{p}"))?;
+        }
+        topics.push(TopicStart {
+            topic: name.clone(),
+            partitions,
+            created,
+        });
+    }
+    consumer.assign(&tpl).context("assigning partitions")?;
+    Ok(topics)
+}
+
+/// The partition count of `topic`, once metadata shows it.
+fn wait_for_topic(consumer: &BaseConsumer, topic: &str) -> Result<i32> {
+    let start = Instant::now();
+    loop {
+        let md = consumer
+            .fetch_metadata(Some(topic), CONNECT_TIMEOUT)
+            .with_context(|| format!("reading metadata of {topic}"))?;
+        let partitions = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        if partitions > 0 {
+            return i32::try_from(partitions).context("partition count");
+        }
+        if start.elapsed() > TOPIC_WAIT {
+            bail!(
+                "topic {topic} did not appear in the broker's metadata within {}s",
+                TOPIC_WAIT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Polls for [`SETTLE`]: librdkafka resolves "end" offsets in the
+/// background and there is no call that says when it is done. Messages
+/// seen meanwhile predate the run and are dropped.
+fn settle(consumer: &BaseConsumer) {
+    let start = Instant::now();
+    while start.elapsed() < SETTLE {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+}
+
+/// What the verifier saw.
+pub struct Outcome {
+    pub tally: Tally,
+    /// Whether every committed event arrived before the drain timeout.
+    pub complete: bool,
+    pub finished_us: u64,
+}
+
+impl Outcome {
+    fn new(tally: Tally, complete: bool, finished_us: u64) -> Self {
+        Self {
+            tally,
+            complete,
+            finished_us,
+        }
+    }
+}
