@@ -362,8 +362,16 @@ async fn dlq(cmd: DlqCommand, pool: &sqlx::PgPool, names: &Names) -> Result<()> 
 
 async fn run(config: Config, names: Names) -> Result<()> {
     let app_name = format!("outbox/{}", config.cluster.node_id);
-    let pool =
-        pgstore::connect_as(&config.database, config.database.max_connections, &app_name).await?;
+    // Leases and readiness on a small pool of their own, so a busy relay
+    // cannot starve the heartbeat that keeps the leases.
+    let pool = pgstore::connect_as(&config.database, 3, &app_name, &[]).await?;
+    let relay_pool = pgstore::connect_as(
+        &config.database,
+        config.database.max_connections,
+        &app_name,
+        pgstore::RELAY_SESSION,
+    )
+    .await?;
     let partitions = pgstore::partitions(&pool, &names).await?;
     let sink = KafkaSink::new(&config.kafka)?;
     sink.check().await.map_err(|e| {
@@ -403,7 +411,7 @@ async fn run(config: Config, names: Names) -> Result<()> {
     tracing::info!(node = %member.node_id, partitions, brokers = %config.kafka.brokers, "starting relay node");
     let node = Node {
         member,
-        source: Arc::new(PgSource::new(pool.clone(), &names, partitions)),
+        source: Arc::new(PgSource::new(relay_pool.clone(), &names, partitions)),
         sink: Arc::clone(&sink),
         leases: Arc::new(PgLeaseStore::new(pool.clone(), &names)),
         relay: config.relay.clone(),
@@ -418,6 +426,7 @@ async fn run(config: Config, names: Names) -> Result<()> {
     tokio::task::spawn_blocking(move || flush.flush(std::time::Duration::from_secs(5)))
         .await?
         .map_err(|e| anyhow!("flushing the producer: {e}"))?;
+    relay_pool.close().await;
     pool.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -204,6 +204,21 @@ impl ProducerContext for DeliveryContext {
     }
 }
 
+/// The Kafka headers of an event, built without intermediate allocations.
+fn message_headers(event: &OutboxEvent) -> Result<OwnedHeaders, SinkError> {
+    // `insert` takes the list by value; the Option lets the closure move it.
+    let mut headers = Some(OwnedHeaders::new_with_capacity(3));
+    routing::for_each_header(event, |key, value| {
+        headers = headers.take().map(|h| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        });
+    })?;
+    headers.ok_or_else(|| SinkError::Transient("header list lost".into()))
+}
+
 /// Counts a broker error by its code (a bounded set of names).
 fn record_broker_error(err: &KafkaError) {
     let kind = match err.rdkafka_error_code() {
@@ -329,26 +344,29 @@ impl Sink for KafkaSink {
             return Ok(delivery);
         }
         // Topics first: a batch that cannot start leaves nothing in flight.
-        let mut topics: Vec<_> = events
-            .iter()
-            .map(|e| routing::topic(e, &self.config.topic_prefix))
-            .collect();
-        let mut permanent: Vec<Option<SinkError>> = vec![None; events.len()];
-        {
-            let mut seen = AHashSet::new();
-            for t in &topics {
-                if seen.insert(t.as_ref()) {
-                    if let Err(e) = self.ensure_topic(t).await {
-                        if e.is_retriable() {
-                            return Err(e);
-                        }
-                        for (i, other) in topics.iter().enumerate() {
-                            if other == t {
-                                permanent[i] = Some(e.clone());
-                            }
-                        }
-                    }
+        // A batch has few distinct topics; each event keeps an index into them.
+        let prefix = self.config.topic_prefix.as_str();
+        let mut topics: Vec<(String, Option<SinkError>)> = Vec::new();
+        let mut topic_of: Vec<usize> = Vec::with_capacity(events.len());
+        for e in events {
+            let i = match topics
+                .iter()
+                .position(|(t, _)| routing::is_topic_of(e, prefix, t))
+            {
+                Some(i) => i,
+                None => {
+                    topics.push((routing::topic(e, prefix).into_owned(), None));
+                    topics.len() - 1
                 }
+            };
+            topic_of.push(i);
+        }
+        for (topic, refusal) in topics.iter_mut() {
+            if let Err(e) = self.ensure_topic(topic).await {
+                if e.is_retriable() {
+                    return Err(e);
+                }
+                *refusal = Some(e);
             }
         }
         let tracker = Arc::new(BatchTracker {
@@ -359,39 +377,28 @@ impl Sink for KafkaSink {
         // Once an event is refused, the rest of the batch is not sent: the
         // events after it must not overtake it (they are retried with it).
         let mut refused = false;
-        for (i, event) in events.iter().enumerate() {
-            if refused {
-                tracker.fail(event.id, SinkError::Transient(HELD_BACK.into()));
-                tracker.complete_one();
-                continue;
-            }
-            if let Some(err) = permanent[i].take() {
-                tracker.fail(event.id, err);
-                tracker.complete_one();
-                refused = true;
-                continue;
-            }
-            let headers = match routing::headers(event) {
-                Ok(h) => h,
+        for (event, &t) in events.iter().zip(&topic_of) {
+            let (topic, refusal) = &topics[t];
+            let outcome = if refused {
+                Err(SinkError::Transient(HELD_BACK.into()))
+            } else if let Some(err) = refusal {
+                Err(err.clone())
+            } else {
+                message_headers(event).map(|h| (topic, h))
+            };
+            let (topic, headers) = match outcome {
+                Ok(ok) => ok,
                 Err(err) => {
+                    refused = true;
                     tracker.fail(event.id, err);
                     tracker.complete_one();
-                    refused = true;
                     continue;
                 }
             };
-            let mut owned = OwnedHeaders::new_with_capacity(headers.len());
-            for (k, v) in &headers {
-                owned = owned.insert(Header {
-                    key: k,
-                    value: Some(v.as_bytes()),
-                });
-            }
-            let topic = std::mem::take(&mut topics[i]);
-            let mut record = BaseRecord::with_opaque_to(&topic, tracker.clone())
+            let mut record = BaseRecord::with_opaque_to(topic, tracker.clone())
                 .key(event.aggregate_id.as_bytes())
                 .payload(event.payload.as_slice())
-                .headers(owned)
+                .headers(headers)
                 .timestamp(event.created_at_ms);
             loop {
                 match self.producer.send(record) {

@@ -24,6 +24,17 @@ pub fn topic<'a>(event: &'a OutboxEvent, prefix: &str) -> Cow<'a, str> {
     }
 }
 
+/// Whether `name` is the topic of `event` (as [`topic`] would say), without
+/// building the name.
+pub fn is_topic_of(event: &OutboxEvent, prefix: &str, name: &str) -> bool {
+    match &event.topic {
+        Some(t) => t == name,
+        None => name
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest == event.aggregate_type),
+    }
+}
+
 /// Whether Kafka would accept `name` as a topic.
 pub fn check_topic(name: &str) -> Result<(), SinkError> {
     if name.is_empty() || name.len() > MAX_TOPIC_LEN || name == "." || name == ".." {
@@ -39,41 +50,53 @@ pub fn check_topic(name: &str) -> Result<(), SinkError> {
     Ok(())
 }
 
+/// Calls `f` with each message header of an event, in the order of
+/// [`headers`]; the id is formatted on the stack.
+pub fn for_each_header(
+    event: &OutboxEvent,
+    mut f: impl FnMut(&str, &[u8]),
+) -> Result<(), SinkError> {
+    let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    f(
+        HEADER_ID,
+        event.id.hyphenated().encode_lower(&mut id).as_bytes(),
+    );
+    f(HEADER_EVENT_TYPE, event.event_type.as_bytes());
+    f(HEADER_AGGREGATE_TYPE, event.aggregate_type.as_bytes());
+    if let Some(raw) = &event.headers {
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(raw)
+            .map_err(|e| SinkError::Permanent(format!("headers are not a JSON object: {e}")))?;
+        for (k, v) in &map {
+            let serde_json::Value::String(v) = v else {
+                return Err(SinkError::Permanent(format!(
+                    "header {k:?} is not a string"
+                )));
+            };
+            if !matches!(
+                k.as_str(),
+                HEADER_ID | HEADER_EVENT_TYPE | HEADER_AGGREGATE_TYPE
+            ) {
+                f(k, v.as_bytes());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A message header, borrowed from the event where it can be.
 pub type Header<'a> = (Cow<'a, str>, Cow<'a, str>);
 
 /// The message headers of an event: `id`, `event_type`, `aggregate_type`,
 /// then the row's own headers in key order (jsonb keeps no other). Row headers cannot
 /// override the engine's three.
-pub fn headers(event: &OutboxEvent) -> Result<Vec<Header<'_>>, SinkError> {
+pub fn headers(event: &OutboxEvent) -> Result<Vec<Header<'static>>, SinkError> {
     let mut out = Vec::with_capacity(3);
-    out.push((Cow::Borrowed(HEADER_ID), Cow::Owned(event.id.to_string())));
-    out.push((
-        Cow::Borrowed(HEADER_EVENT_TYPE),
-        Cow::Borrowed(event.event_type.as_str()),
-    ));
-    out.push((
-        Cow::Borrowed(HEADER_AGGREGATE_TYPE),
-        Cow::Borrowed(event.aggregate_type.as_str()),
-    ));
-    if let Some(raw) = &event.headers {
-        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(raw)
-            .map_err(|e| SinkError::Permanent(format!("headers are not a JSON object: {e}")))?;
-        for (k, v) in map {
-            let serde_json::Value::String(v) = v else {
-                return Err(SinkError::Permanent(format!(
-                    "header {k:?} is not a string"
-                )));
-            };
-            if matches!(
-                k.as_str(),
-                HEADER_ID | HEADER_EVENT_TYPE | HEADER_AGGREGATE_TYPE
-            ) {
-                continue;
-            }
-            out.push((Cow::Owned(k), Cow::Owned(v)));
-        }
-    }
+    for_each_header(event, |k, v| {
+        out.push((
+            Cow::Owned(k.to_string()),
+            Cow::Owned(String::from_utf8_lossy(v).into_owned()),
+        ))
+    })?;
     Ok(out)
 }
 
@@ -100,6 +123,17 @@ mod tests {
     fn default_topic_follows_the_debezium_convention() {
         assert_eq!(topic(&event(), "outbox.event."), "outbox.event.order");
         assert_eq!(topic(&event(), ""), "order");
+    }
+
+    #[test]
+    fn is_topic_of_agrees_with_topic() {
+        let mut e = event();
+        assert!(is_topic_of(&e, "p.", "p.order"));
+        assert!(!is_topic_of(&e, "p.", "p.orders"));
+        assert!(!is_topic_of(&e, "p.", "order"));
+        e.topic = Some("billing".into());
+        assert!(is_topic_of(&e, "p.", "billing"));
+        assert!(!is_topic_of(&e, "p.", "p.order"));
     }
 
     #[test]

@@ -19,8 +19,15 @@ pub mod status;
 /// Opens a pool, failing fast with an error that names the server (never
 /// the password) when it cannot be reached.
 pub async fn connect(config: &DatabaseConfig, max_connections: u32) -> Result<PgPool, StoreError> {
-    connect_as(config, max_connections, "outbox").await
+    connect_as(config, max_connections, "outbox", &[]).await
 }
+
+/// Server settings of the relay's data path. Acknowledgements (deletes of
+/// published rows) commit without waiting for the WAL flush: if the database
+/// crashes, the last of them may be undone and those events are published
+/// again. At-least-once holds; nothing can be lost, because nothing but
+/// deletes of already published rows is committed this way.
+pub const RELAY_SESSION: &[(&str, &str)] = &[("synchronous_commit", "off")];
 
 /// [`connect`], with the `application_name` that `pg_stat_activity` shows
 /// (a node connects as `outbox/<node id>`).
@@ -28,8 +35,12 @@ pub async fn connect_as(
     config: &DatabaseConfig,
     max_connections: u32,
     application_name: &str,
+    settings: &[(&str, &str)],
 ) -> Result<PgPool, StoreError> {
-    let options = config.connect_options()?.application_name(application_name);
+    let mut options = config.connect_options()?.application_name(application_name);
+    if !settings.is_empty() {
+        options = options.options(settings.iter().copied());
+    }
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .min_connections(0)
