@@ -175,6 +175,12 @@ async fn status_json_has_partitions_and_nodes() {
     let pending: i64 = parts.iter().map(|p| p["pending"].as_i64().unwrap()).sum();
     assert_eq!(pending, 30);
     assert!(parts.iter().any(|p| p["oldest_age_ms"].is_i64()));
+    assert!(
+        parts
+            .iter()
+            .all(|p| p["published"] == 0 && p["rate_per_sec"] == 0.0),
+        "{parts:?}"
+    );
     assert!(v["nodes"].is_array());
 
     let o = outbox(Some(&db), &["status"], &[]).await;

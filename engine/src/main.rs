@@ -272,8 +272,18 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Status { json, watch } => {
             let pool = pgstore::connect(&config.database, 2).await?;
             let partitions = pgstore::partitions(&pool, &names).await?;
+            // Rates come from two samples: the previous refresh, or one
+            // taken a second before the first report.
+            let mut previous = pgstore::status::read(&pool, &names, partitions).await?;
+            let mut previous_at = std::time::Instant::now();
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             loop {
-                let status = pgstore::status::read(&pool, &names, partitions).await?;
+                let now = std::time::Instant::now();
+                let status = pgstore::status::read(&pool, &names, partitions)
+                    .await?
+                    .with_rates(&previous, (now - previous_at).as_secs_f64());
+                previous = status.clone();
+                previous_at = now;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&status)?);
                 } else {

@@ -17,6 +17,10 @@ pub struct PartitionStatus {
     pub pending: i64,
     /// Age of the oldest waiting event, in milliseconds.
     pub oldest_age_ms: Option<i64>,
+    /// Events published from this partition since the outbox was created.
+    pub published: i64,
+    /// Recent publish rate, events per second (between two samples).
+    pub rate_per_sec: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -38,18 +42,40 @@ impl Status {
         self.partitions.iter().map(|p| p.pending).sum()
     }
 
+    /// Fills in each partition's rate from an earlier sample `secs` ago.
+    pub fn with_rates(mut self, earlier: &Status, secs: f64) -> Status {
+        if secs <= 0.0 {
+            return self;
+        }
+        for p in &mut self.partitions {
+            if let Some(e) = earlier
+                .partitions
+                .iter()
+                .find(|e| e.partition == p.partition)
+            {
+                p.rate_per_sec = Some((p.published - e.published).max(0) as f64 / secs);
+            }
+        }
+        self
+    }
+
+    /// Sum of the partitions' rates, if known.
+    pub fn total_rate(&self) -> Option<f64> {
+        self.partitions.iter().map(|p| p.rate_per_sec).sum()
+    }
+
     /// A readable table.
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:>9}  {:<20} {:>6} {:>10} {:>10} {:>12}",
-            "partition", "owner", "epoch", "lease", "pending", "oldest"
+            "{:>9}  {:<20} {:>6} {:>8} {:>10} {:>9} {:>10} {:>12}",
+            "partition", "owner", "epoch", "lease", "pending", "oldest", "rate/s", "published"
         );
         for p in &self.partitions {
             let _ = writeln!(
                 out,
-                "{:>9}  {:<20} {:>6} {:>10} {:>10} {:>12}",
+                "{:>9}  {:<20} {:>6} {:>8} {:>10} {:>9} {:>10} {:>12}",
                 p.partition,
                 p.owner.as_deref().unwrap_or("-"),
                 p.epoch,
@@ -61,9 +87,16 @@ impl Status {
                 p.oldest_age_ms
                     .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
                     .unwrap_or_else(|| "-".into()),
+                p.rate_per_sec
+                    .map(|r| format!("{r:.0}"))
+                    .unwrap_or_else(|| "-".into()),
+                p.published,
             );
         }
         let _ = writeln!(out, "\ntotal pending: {}", self.total_pending());
+        if let Some(rate) = self.total_rate() {
+            let _ = writeln!(out, "total rate: {rate:.0} events/s");
+        }
         let _ = writeln!(out, "\nlive nodes: {}", self.nodes.len());
         for n in &self.nodes {
             let _ = writeln!(

@@ -88,7 +88,8 @@ pub fn ddl(schema: &str, partitions: u32, max_payload_bytes: u32) -> Vec<String>
                 incarnation uuid,
                 epoch bigint not null default 0,
                 expires_at timestamptz,
-                acquired_at timestamptz
+                acquired_at timestamptz,
+                published bigint not null default 0
             )"
         ),
         format!(

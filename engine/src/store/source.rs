@@ -82,15 +82,16 @@ impl PgSource {
                          order by position
                          limit $2"
                     ),
-                    // The lease row is read `for share`: a takeover (which
-                    // updates it) waits for this delete, and a delete that
-                    // runs after a takeover sees the new epoch and removes
-                    // nothing. Either way a stale owner cannot act.
+                    // The fence updates the lease row (counting what the
+                    // partition published, for `outbox status`): a takeover
+                    // (which also updates it) waits for this delete, and a
+                    // delete that runs after a takeover sees the new epoch
+                    // and removes nothing. Either way a stale owner cannot act.
                     ack: format!(
                         "with fence as (
-                            select 1 from {leases}
+                            update {leases} set published = published + cardinality($4)
                             where partition = $1 and epoch = $2 and incarnation = $3
-                            for share
+                            returning 1
                          ), gone as (
                             delete from {t}
                             where position = any($4) and exists (select 1 from fence)

@@ -27,7 +27,8 @@ pub async fn read(pool: &PgPool, names: &Names, partitions: u32) -> Result<Statu
                 l.epoch,
                 (extract(epoch from l.expires_at - now()) * 1000)::int8 as expires_in_ms,
                 b.pending,
-                (extract(epoch from now() - b.oldest) * 1000)::int8 as oldest_age_ms
+                (extract(epoch from now() - b.oldest) * 1000)::int8 as oldest_age_ms,
+                l.published
            from {leases} l join backlog b on b.partition = l.partition
           order by l.partition",
         backlog.join(" union all ")
@@ -42,6 +43,8 @@ pub async fn read(pool: &PgPool, names: &Names, partitions: u32) -> Result<Statu
             lease_expires_in_ms: r.try_get(3)?,
             pending: r.try_get(4)?,
             oldest_age_ms: r.try_get(5)?,
+            published: r.try_get(6)?,
+            rate_per_sec: None,
         });
     }
     let node_rows = sqlx::query(&format!(
