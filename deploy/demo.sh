@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The main job, from a fresh machine: services up (deploy/services.sh), the
+# engine built, a fresh outbox with 16 partitions, a local cluster of
+# NODES engine nodes, a short load through it with end-to-end verification,
+# then a summary (loadgen's report and `outbox status`).
+#
+#   deploy/demo.sh                  # 2 nodes, 15 s at 5,000 events/s
+#   NODES=3 RATE=20000 DURATION=30 deploy/demo.sh
+#
+# The report lands in bench-results/demo-latest/ (not committed).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+NODES=${NODES:-2}
+RATE=${RATE:-5000}
+DURATION=${DURATION:-15}
+EVENTS_PER_TX=${EVENTS_PER_TX:-10}
+PARTITIONS=${PARTITIONS:-16}
+DEMO_DB=${DEMO_DB:-outbox_demo}
+
+eval "$(deploy/services.sh up)"
+
+echo "== building (release)" >&2
+cargo build --release -p outbox-engine -p loadgen >&2
+
+# A database of the demo's own on the same server, created afresh.
+base=${DATABASE_URL%%\?*}
+query=""
+[[ $DATABASE_URL == *\?* ]] && query="?${DATABASE_URL#*\?}"
+admin_url=$DATABASE_URL
+export DATABASE_URL="${base%/*}/${DEMO_DB}${query}"
+psql "$admin_url" -qc "drop database if exists ${DEMO_DB} with (force)" -c "create database ${DEMO_DB}" >&2
+
+target/release/outbox migrate --partitions "$PARTITIONS"
+
+prefix="demo$(date +%s)."
+# shellcheck disable=SC2317  # called by the trap
+cleanup() { deploy/cluster.sh stop || true; }
+trap cleanup EXIT
+deploy/cluster.sh start --nodes "$NODES" --release -- --topic-prefix "$prefix"
+sleep 3
+target/release/outbox status
+
+echo "== load: ${RATE} events/s for ${DURATION} s, ${EVENTS_PER_TX} events per transaction, ${NODES} nodes" >&2
+status=0
+target/release/loadgen run --rate "$RATE" --duration "$DURATION" --writers 4 \
+  --events-per-tx "$EVENTS_PER_TX" --topic-prefix "$prefix" \
+  --out bench-results/demo-latest || status=$?
+
+echo "== after the load" >&2
+target/release/outbox status
+if [[ -f bench-results/demo-latest/summary.md ]]; then
+  echo
+  cat bench-results/demo-latest/summary.md
+fi
+exit "$status"
