@@ -169,3 +169,73 @@ async fn a_node_id_in_use_by_a_live_process_is_not_taken() {
     assert_eq!(leases.live_nodes().await.unwrap(), vec!["n1".to_string()]);
     db.drop_db().await;
 }
+
+#[tokio::test]
+async fn acknowledge_and_fetch_is_fenced_and_leaves_out_what_is_in_flight() {
+    let db = TestDb::new(1).await;
+    let names = Names::new("public").unwrap();
+    let leases = PgLeaseStore::new(db.pool.clone(), &names);
+    let source = PgSource::new(db.pool.clone(), &names, 1);
+    sqlx::query(
+        "insert into outbox (aggregate_type, aggregate_id, event_type, payload)
+         select 'order', g::text, 'E', '{}' from generate_series(1, 12) g",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (a, b) = (member("a"), member("b"));
+    let claim = leases.acquire(&a, 0, TTL).await.unwrap().unwrap();
+    let first = source.fetch(&claim, 4, &[]).await.unwrap();
+    let second = source
+        .fetch(
+            &claim,
+            4,
+            &first.iter().map(|e| e.position).collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    let acked: Vec<i64> = first.iter().map(|e| e.position).collect();
+    let in_flight: Vec<i64> = second.iter().map(|e| e.position).collect();
+
+    let (ack, next) = source
+        .acknowledge_and_fetch(&claim, &acked, 100, &in_flight)
+        .await
+        .unwrap();
+    assert_eq!(ack, Ack::Done { removed: 4 });
+    let next: Vec<i64> = next.iter().map(|e| e.position).collect();
+    assert_eq!(next.len(), 4, "{next:?}");
+    assert!(
+        next.windows(2).all(|w| w[0] < w[1]),
+        "not in position order: {next:?}"
+    );
+    assert!(next
+        .iter()
+        .all(|p| !acked.contains(p) && !in_flight.contains(p)));
+    assert_eq!(db.pending().await, 8);
+
+    // Stale: nothing removed, nothing fetched.
+    expire_lease(&db, 0).await;
+    let newer = leases.acquire(&b, 0, TTL).await.unwrap().unwrap();
+    let (ack, fetched) = source
+        .acknowledge_and_fetch(&claim, &in_flight, 100, &[])
+        .await
+        .unwrap();
+    assert_eq!(ack, Ack::Fenced);
+    assert!(fetched.is_empty());
+    assert_eq!(db.pending().await, 8);
+    // The new owner's combined call with nothing left to fetch.
+    let all: Vec<i64> = source
+        .fetch(&newer, 100, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    let (ack, fetched) = source
+        .acknowledge_and_fetch(&newer, &all, 100, &[])
+        .await
+        .unwrap();
+    assert_eq!(ack, Ack::Done { removed: 8 });
+    assert!(fetched.is_empty());
+    db.drop_db().await;
+}

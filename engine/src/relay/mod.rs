@@ -72,6 +72,26 @@ pub trait EventSource: Send + Sync + 'static {
         positions: &[i64],
     ) -> impl Future<Output = Result<Ack, StoreError>> + Send;
 
+    /// [`acknowledge`](Self::acknowledge), then, if the claim held,
+    /// [`fetch`](Self::fetch) leaving out `in_flight` (the acknowledged
+    /// positions are gone already). A source may do both in one round trip.
+    fn acknowledge_and_fetch(
+        &self,
+        claim: &Claim,
+        positions: &[i64],
+        limit: usize,
+        in_flight: &[i64],
+    ) -> impl Future<Output = Result<(Ack, Vec<OutboxEvent>), StoreError>> + Send {
+        async move {
+            let ack = self.acknowledge(claim, positions).await?;
+            if ack == Ack::Fenced {
+                return Ok((ack, Vec::new()));
+            }
+            let events = self.fetch(claim, limit, in_flight).await?;
+            Ok((ack, events))
+        }
+    }
+
     /// Moves a poison event out of the partition into the dead letters, if
     /// `claim` still holds.
     fn park(

@@ -150,6 +150,8 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
         let mut window: Window<Sent> = Window::new(self.config.max_inflight_batches);
         // When the next fetch may run; pushed out when idle or backing off.
         let mut next_fetch = Instant::now();
+        // A batch fetched together with the last acknowledgement.
+        let mut prefetched: Option<Vec<crate::event::OutboxEvent>> = None;
         loop {
             if signals.revoke.is_cancelled() {
                 return Exit::Revoked;
@@ -158,14 +160,26 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
             if stopping && window.is_empty() {
                 return Exit::Drained;
             }
-            if !stopping && !window.is_full() && Instant::now() >= next_fetch {
-                let started = Instant::now();
-                let fetched = tokio::select! {
-                    biased;
-                    _ = signals.revoke.cancelled() => return Exit::Revoked,
-                    r = self.source.fetch(&self.claim, self.config.batch_size, window.positions()) => r,
+            if stopping {
+                prefetched = None;
+            }
+            if !stopping
+                && !window.is_full()
+                && (prefetched.is_some() || Instant::now() >= next_fetch)
+            {
+                let fetched = match prefetched.take() {
+                    Some(events) => Ok(events),
+                    None => {
+                        let started = Instant::now();
+                        let r = tokio::select! {
+                            biased;
+                            _ = signals.revoke.cancelled() => return Exit::Revoked,
+                            r = self.source.fetch(&self.claim, self.config.batch_size, window.positions()) => r,
+                        };
+                        self.meters.fetch.record(started.elapsed().as_secs_f64());
+                        r
+                    }
                 };
-                self.meters.fetch.record(started.elapsed().as_secs_f64());
                 match fetched {
                     Ok(events) if events.is_empty() => {
                         next_fetch = Instant::now() + self.config.poll_interval();
@@ -256,13 +270,23 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
                         }
                     }
                     if !settled.acked.is_empty() {
+                        // Fetch the next batch in the same round trip when one is due.
+                        let fetch_next = (!signals.stop.is_cancelled() && Instant::now() >= next_fetch)
+                            .then(|| window.positions().to_vec());
                         let started = Instant::now();
-                        match self.acknowledge(&settled.acked, signals).instrument(span).await {
-                            Some(exit) => return exit,
-                            None => {
+                        match self.acknowledge(&settled.acked, fetch_next.as_deref(), signals).instrument(span).await {
+                            Err(exit) => return exit,
+                            Ok(next) => {
                                 self.meters.ack.record(started.elapsed().as_secs_f64());
                                 self.meters.published.increment(settled.acked.len() as u64);
                                 self.totals.published += settled.acked.len() as u64;
+                                match next {
+                                    Some(events) if events.is_empty() => {
+                                        next_fetch = Instant::now() + self.config.poll_interval();
+                                    }
+                                    Some(events) => prefetched = Some(events),
+                                    None => {}
+                                }
                             }
                         }
                     }
@@ -328,35 +352,54 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
     }
 
     /// Acknowledges `positions`, retrying while the store is unreachable.
-    /// Returns an exit if the worker must stop.
-    async fn acknowledge(&mut self, positions: &[i64], signals: &Signals) -> Option<Exit> {
+    /// With `fetch_next` (the positions still in flight), the first try also
+    /// fetches the next batch in the same round trip and returns it.
+    /// Returns `Err` with the exit if the worker must stop.
+    async fn acknowledge(
+        &mut self,
+        positions: &[i64],
+        fetch_next: Option<&[i64]>,
+        signals: &Signals,
+    ) -> Result<Option<Vec<crate::event::OutboxEvent>>, Exit> {
         let mut backoff = self.backoff.clone();
         backoff.reset();
+        let mut fetch_next = fetch_next;
         loop {
             let result = tokio::select! {
                 biased;
-                _ = signals.revoke.cancelled() => return Some(Exit::Revoked),
-                r = self.source.acknowledge(&self.claim, positions) => r,
+                _ = signals.revoke.cancelled() => return Err(Exit::Revoked),
+                r = async {
+                    match fetch_next {
+                        Some(in_flight) => self
+                            .source
+                            .acknowledge_and_fetch(&self.claim, positions, self.config.batch_size, in_flight)
+                            .await
+                            .map(|(ack, events)| (ack, Some(events))),
+                        None => self.source.acknowledge(&self.claim, positions).await.map(|a| (a, None)),
+                    }
+                } => r,
             };
             match result {
-                Ok(Ack::Done { removed }) => {
+                Ok((Ack::Done { removed }, next)) => {
                     self.deleted_since_vacuum += removed;
-                    return None;
+                    return Ok(next);
                 }
-                Ok(Ack::Fenced) => {
+                Ok((Ack::Fenced, _)) => {
                     tracing::warn!(
                         partition = self.claim.partition,
                         epoch = self.claim.epoch,
                         "acknowledgement refused: the partition has a newer owner"
                     );
-                    return Some(Exit::Fenced);
+                    return Err(Exit::Fenced);
                 }
                 Err(error) => {
                     self.meters.store_errors.increment(1);
+                    // Retry the acknowledgement alone; fetching can wait.
+                    fetch_next = None;
                     let delay = backoff.next_delay();
                     tracing::warn!(partition = self.claim.partition, %error, retry_in = ?delay, "acknowledgement failed");
                     tokio::select! {
-                        _ = signals.revoke.cancelled() => return Some(Exit::Revoked),
+                        _ = signals.revoke.cancelled() => return Err(Exit::Revoked),
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }

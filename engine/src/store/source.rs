@@ -22,6 +22,7 @@ use crate::store::Names;
 pub const BACKLOG_COUNT_CAP: i64 = 1_000_000;
 
 struct PartitionSql {
+    ack_and_fetch: String,
     park: String,
     backlog: String,
     fetch: String,
@@ -39,10 +40,36 @@ impl PgSource {
     pub fn new(pool: PgPool, names: &Names, partitions: u32) -> Self {
         let leases = names.table("outbox_leases");
         let dead = names.table("outbox_dead_letters");
+        let columns = "position, id, aggregate_type, aggregate_id, event_type, payload, headers, \
+                       topic, (extract(epoch from created_at) * 1000)::int8 as created_ms";
         let sql = (0..partitions)
             .map(|p| {
                 let t = names.partition(p);
                 PartitionSql {
+                    // `ack`, then the next batch in the same statement. The
+                    // select's snapshot still sees the rows being deleted,
+                    // so it leaves them out by position.
+                    ack_and_fetch: format!(
+                        "with fence as (
+                            update {leases} set published = published + cardinality($4)
+                            where partition = $1 and epoch = $2 and incarnation = $3
+                            returning 1
+                         ), gone as (
+                            delete from {t}
+                            where position = any($4) and exists (select 1 from fence)
+                            returning 1
+                         ), next as (
+                            select {columns} from {t}
+                            where exists (select 1 from fence)
+                              and position <> all($4) and position <> all($5)
+                            order by position
+                            limit $6
+                         )
+                         select h.n, r.n, next.*
+                           from (select count(*) as n from fence) h
+                          cross join (select count(*) as n from gone) r
+                           left join next on true"
+                    ),
                     // Fenced like `ack`; the row moves in one statement, so
                     // it is either in the outbox or in the dead letters.
                     park: format!(
@@ -75,8 +102,7 @@ impl PgSource {
                                    from {t} order by position limit 1)"
                     ),
                     fetch: format!(
-                        "select position, id, aggregate_type, aggregate_id, event_type, payload,
-                                headers, topic, (extract(epoch from created_at) * 1000)::int8
+                        "select {columns}
                          from {t}
                          where position <> all($1)
                          order by position
@@ -116,6 +142,21 @@ impl PgSource {
     }
 }
 
+/// Decodes the event columns of a row, starting at column `at`.
+fn decode_event(row: &sqlx::postgres::PgRow, at: usize) -> Result<OutboxEvent, StoreError> {
+    Ok(OutboxEvent {
+        position: row.try_get(at)?,
+        id: row.try_get(at + 1)?,
+        aggregate_type: row.try_get(at + 2)?,
+        aggregate_id: row.try_get(at + 3)?,
+        event_type: row.try_get(at + 4)?,
+        payload: row.try_get::<JsonBytes, _>(at + 5)?.0,
+        headers: row.try_get::<Option<JsonBytes>, _>(at + 6)?.map(|h| h.0),
+        topic: row.try_get(at + 7)?,
+        created_at_ms: row.try_get(at + 8)?,
+    })
+}
+
 impl EventSource for PgSource {
     fn fetch(
         &self,
@@ -130,21 +171,7 @@ impl EventSource for PgSource {
                 .bind(limit as i64)
                 .fetch_all(&self.pool)
                 .await?;
-            let mut events = Vec::with_capacity(rows.len());
-            for row in rows {
-                events.push(OutboxEvent {
-                    position: row.try_get(0)?,
-                    id: row.try_get(1)?,
-                    aggregate_type: row.try_get(2)?,
-                    aggregate_id: row.try_get(3)?,
-                    event_type: row.try_get(4)?,
-                    payload: row.try_get::<JsonBytes, _>(5)?.0,
-                    headers: row.try_get::<Option<JsonBytes>, _>(6)?.map(|h| h.0),
-                    topic: row.try_get(7)?,
-                    created_at_ms: row.try_get(8)?,
-                });
-            }
-            Ok(events)
+            rows.iter().map(|row| decode_event(row, 0)).collect()
         }
     }
 
@@ -172,6 +199,48 @@ impl EventSource for PgSource {
                 }
             })
         }
+    }
+
+    async fn acknowledge_and_fetch(
+        &self,
+        claim: &Claim,
+        positions: &[i64],
+        limit: usize,
+        in_flight: &[i64],
+    ) -> Result<(Ack, Vec<OutboxEvent>), StoreError> {
+        let sql = &self.sql(claim.partition)?.ack_and_fetch;
+        let rows = sqlx::query(sql)
+            .bind(claim.partition as i32)
+            .bind(claim.epoch)
+            .bind(claim.incarnation)
+            .bind(positions)
+            .bind(in_flight)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        let Some(first) = rows.first() else {
+            return Err(StoreError::Schema(
+                "acknowledge_and_fetch returned no row".into(),
+            ));
+        };
+        let held: i64 = first.try_get(0)?;
+        let removed: i64 = first.try_get(1)?;
+        if held == 0 {
+            return Ok((Ack::Fenced, Vec::new()));
+        }
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            // One row with empty event columns when nothing is waiting.
+            if row.try_get::<Option<i64>, _>(2)?.is_some() {
+                events.push(decode_event(row, 2)?);
+            }
+        }
+        // A join keeps no promised order: restore position order.
+        events.sort_unstable_by_key(|e| e.position);
+        let ack = Ack::Done {
+            removed: removed as u64,
+        };
+        Ok((ack, events))
     }
 
     async fn park(&self, claim: &Claim, parked: &Parked) -> Result<Ack, StoreError> {
