@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::Connection;
+use sqlx::{ConnectOptions, Connection};
 
 use crate::config::{validate_identifier, DatabaseConfig};
 use crate::error::StoreError;
@@ -37,7 +37,12 @@ pub async fn connect_as(
     application_name: &str,
     settings: &[(&str, &str)],
 ) -> Result<PgPool, StoreError> {
-    let mut options = config.connect_options()?.application_name(application_name);
+    // Slow statements are expected under load (vacuum, a big status count);
+    // they are logged at debug, not as warnings with the whole statement.
+    let mut options = config
+        .connect_options()?
+        .application_name(application_name)
+        .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
     if !settings.is_empty() {
         options = options.options(settings.iter().copied());
     }
@@ -94,15 +99,27 @@ impl Names {
 }
 
 /// The partition count recorded by `migrate`, or a clear error if the
-/// schema was never migrated.
+/// schema was never migrated or is older than this engine.
 pub async fn partitions(pool: &PgPool, names: &Names) -> Result<u32, StoreError> {
     let mut conn = pool.acquire().await?;
-    schema::read_partitions(&mut conn, &names.schema)
+    let partitions = schema::read_partitions(&mut conn, &names.schema)
         .await?
         .ok_or_else(|| {
             StoreError::Schema(format!(
                 "no outbox in schema {}: run `outbox migrate --partitions N` first",
                 names.schema
             ))
-        })
+        })?;
+    let version = schema::read_version(&mut conn, &names.schema)
+        .await?
+        .unwrap_or(0);
+    if version != schema::SCHEMA_VERSION {
+        return Err(StoreError::Schema(format!(
+            "the outbox in schema {} is at schema version {version}; this engine needs version {}: \
+             run `outbox migrate --partitions {partitions}`",
+            names.schema,
+            schema::SCHEMA_VERSION
+        )));
+    }
+    Ok(partitions)
 }

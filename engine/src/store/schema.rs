@@ -13,8 +13,13 @@ use sqlx::{Connection, PgConnection, Row};
 use crate::config::validate_identifier;
 use crate::error::StoreError;
 
-/// Version of the layout below; bumped with every change to it.
-pub const SCHEMA_VERSION: i32 = 1;
+/// Version of the layout below; bumped with every change to it. Every
+/// statement of [`ddl`] is idempotent and brings any earlier version up to
+/// date, so `migrate` upgrades by running them all.
+///
+/// - 1: outbox, partitions, leases, nodes, meta.
+/// - 2: dead letters, payload size limit, `outbox_leases.published`.
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Most partitions an outbox may have.
 pub const MAX_PARTITIONS: u32 = 1024;
@@ -80,6 +85,16 @@ pub fn ddl(schema: &str, partitions: u32, max_payload_bytes: u32) -> Vec<String>
         ));
     }
     stmts.extend([
+        // Version 1 outboxes were created without the payload limit.
+        format!(
+            "do $$ begin
+                if not exists (select 1 from pg_constraint
+                                where conname = 'outbox_payload_size' and conrelid = '{s}.outbox'::regclass) then
+                    alter table {s}.outbox add constraint outbox_payload_size
+                        check (pg_column_size(payload) <= {max_payload_bytes});
+                end if;
+             end $$"
+        ),
         format!("create index if not exists outbox_position_idx on {s}.outbox (position)"),
         format!(
             "create table if not exists {s}.outbox_leases (
@@ -91,6 +106,9 @@ pub fn ddl(schema: &str, partitions: u32, max_payload_bytes: u32) -> Vec<String>
                 acquired_at timestamptz,
                 published bigint not null default 0
             )"
+        ),
+        format!(
+            "alter table {s}.outbox_leases add column if not exists published bigint not null default 0"
         ),
         format!(
             "insert into {s}.outbox_leases (partition)
@@ -235,6 +253,19 @@ async fn set_payload_limit(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// The schema version recorded by `migrate`, if any.
+pub async fn read_version(
+    conn: &mut PgConnection,
+    schema: &str,
+) -> Result<Option<i32>, StoreError> {
+    let Some(v) = read_meta(conn, schema, "schema_version").await? else {
+        return Ok(None);
+    };
+    v.parse().map(Some).map_err(|_| {
+        StoreError::Schema(format!("{schema}.outbox_meta holds schema_version = {v:?}"))
+    })
 }
 
 /// The partition count of the outbox in `schema`, if it was migrated.
