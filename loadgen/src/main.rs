@@ -1,23 +1,37 @@
-//! `loadgen`: drives the outbox engine end to end and checks what comes out.
+//! `loadgen`: drives the outbox engine end to end, checks what comes out,
+//! measures the baselines it is compared with, and runs the benchmark
+//! suite.
 //!
 //! Exit codes: 0 the run passed; 1 an error (unreachable database or
-//! broker, failed transaction...); 2 bad usage; 3 the run finished but
-//! events were lost or arrived out of order.
+//! broker, failed transaction, a suite run that could not be measured...);
+//! 2 bad usage; 3 the run finished but events were lost or arrived out of
+//! order (the report is still written).
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
 
+mod broker;
 mod cli;
 mod clock;
+mod drain;
+mod hgrm;
+mod kafka;
+mod nodes;
 mod plan;
+mod plot;
 mod progress;
 mod report;
 mod run;
+mod suite;
+mod timeseries;
 mod verifier;
 mod writer;
 
 use cli::{Cli, Command};
+use report::{Finished, Meta};
+use run::WriteOnly;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -59,40 +73,109 @@ fn main() -> ExitCode {
     }
 }
 
+/// A checked config, or exit 2 with the message.
+macro_rules! checked {
+    ($validated:expr) => {
+        match $validated {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+        }
+    };
+}
+
 async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let meta = |name: &Option<String>| Meta {
+        name: name.clone(),
+        ..Meta::default()
+    };
     match cli.command {
         Command::Run(args) => {
-            let out = args.out.clone();
-            let json = args.json;
-            let config = match args.validate() {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    return Ok(ExitCode::from(EXIT_USAGE));
-                }
+            let config = checked!(args.validate());
+            let finished = if args.no_verify {
+                run::write_only(
+                    &args.database_url,
+                    config,
+                    meta(&args.name),
+                    WriteOnly::WithEngine,
+                )
+                .await?
+                .1
+            } else {
+                run::e2e(&args.database_url, config, meta(&args.name))
+                    .await?
+                    .1
             };
-            let report = run::run(args, config).await?;
-            if let Some(dir) = &out {
-                report.write(dir)?;
-                eprintln!(
-                    "loadgen: wrote {}/report.json and summary.md",
-                    dir.display()
-                );
-            }
-            if json {
-                println!("{}", report.to_json()?);
-            } else {
-                print!("{}", report.markdown());
-            }
-            let failures = report.failures();
-            for f in &failures {
-                eprintln!("FAILED: {f}");
-            }
-            Ok(if failures.is_empty() {
-                ExitCode::SUCCESS
-            } else {
+            finish(&finished, args.out.as_deref(), args.json)
+        }
+        Command::DbCeiling(args) => {
+            let config = checked!(args.validate());
+            let (_, finished) = run::write_only(
+                &args.database_url,
+                config,
+                meta(&args.name),
+                WriteOnly::DbCeiling,
+            )
+            .await?;
+            finish(&finished, args.out.as_deref(), args.json)
+        }
+        Command::BrokerCeiling(args) => {
+            let config = checked!(args.validate());
+            let (_, finished) = broker::run(config, meta(&args.name)).await?;
+            finish(&finished, args.out.as_deref(), args.json)
+        }
+        Command::Drain(args) => {
+            let config = checked!(args.validate());
+            let engine = nodes::Engine::locate(&args.outbox_bin).await?;
+            let opts = drain::Options {
+                engine: &engine,
+                engine_args: &args.engine_args,
+                log_dir: &args.log_dir,
+            };
+            let (_, finished) =
+                drain::run(&args.database_url, config, opts, meta(&args.name)).await?;
+            finish(&finished, args.out.as_deref(), args.json)
+        }
+        Command::Suite(args) => {
+            let config = checked!(args.validate());
+            let outcome = suite::run(&args.database_url, config).await?;
+            Ok(if outcome.errors > 0 {
+                eprintln!("suite: {} run(s) could not be measured", outcome.errors);
+                ExitCode::FAILURE
+            } else if outcome.failed > 0 {
+                eprintln!("suite: {} run(s) failed their checks", outcome.failed);
                 ExitCode::from(EXIT_CHECK_FAILED)
+            } else {
+                ExitCode::SUCCESS
             })
         }
     }
+}
+
+/// Writes the files (with `--out`), prints the summary or the JSON, and
+/// turns failed checks into exit code 3.
+fn finish(finished: &Finished, out: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
+    if let Some(dir) = out {
+        finished.write(dir)?;
+        eprintln!(
+            "loadgen: wrote {}/report.json, summary.md, {}",
+            dir.display(),
+            finished.file_names().join(", ")
+        );
+    }
+    if json {
+        print!("{}", finished.json);
+    } else {
+        print!("{}", finished.markdown);
+    }
+    for f in &finished.failures {
+        eprintln!("FAILED: {f}");
+    }
+    Ok(if finished.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_CHECK_FAILED)
+    })
 }

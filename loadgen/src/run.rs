@@ -1,37 +1,123 @@
-//! `loadgen run`: prepare database and topics, start the verifier, write
-//! for the duration, drain, and assemble the report.
+//! The runs that write transactions. `e2e` (`loadgen run`): prepare
+//! database and topics, start the verifier, write for the duration, drain,
+//! report. `write_only`: the same writers without a consumer, either with
+//! no engine at all (`loadgen db-ceiling`) or with an engine relaying
+//! (`loadgen run --no-verify`, the application-overhead measurement).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Context, Result};
-use sqlx::Connection;
+use anyhow::{anyhow, bail, Context, Result};
+use hdrhistogram::Histogram;
+use sqlx::{Connection, PgConnection};
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::cli::{RunArgs, RunConfig};
+use crate::cli::RunConfig;
 use crate::clock::Clock;
 use crate::plan::Aggregates;
+use crate::plot::charts;
 use crate::progress::{self, Counters};
-use crate::report::{per_sec, Latency, Machine, Report, Results};
+use crate::report::e2e::{BrokerLatency, Results, WriteResults};
+use crate::report::{per_sec, Finished, Latency, Machine, Meta, Report};
+use crate::timeseries::lag_summary;
 use crate::verifier::{tally, Outcome, Verifier};
-use crate::writer::{self, Shared, Writer};
+use crate::writer::{self, sql, CommitBatch, Shared, Writer, WriterStats};
 
-/// Runs the load described by `args`, already checked into `config`.
-pub async fn run(args: RunArgs, config: RunConfig) -> Result<Report> {
-    let run_id = Uuid::now_v7().simple().to_string();
-    let started_at_unix_ms = SystemTime::now()
+/// A new run id (time-ordered) and the wall-clock start.
+pub fn new_run() -> (String, u64) {
+    let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
+    (Uuid::now_v7().simple().to_string(), started)
+}
 
-    let mut admin = writer::connect(&args.database_url).await?;
-    let postgres_version = writer::prepare(&mut admin, &config.schema).await?;
-    let mut conns = Vec::with_capacity(config.writers);
-    for _ in 0..config.writers {
-        conns.push(writer::connect(&args.database_url).await?);
+/// Writer connections, opened before the clock starts.
+async fn open_writers(url: &str, n: usize) -> Result<Vec<PgConnection>> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(writer::connect(url).await?);
     }
+    Ok(conns)
+}
+
+/// Starts one writer task per connection.
+fn start_writers(
+    conns: Vec<PgConnection>,
+    config: &RunConfig,
+    run_id: &str,
+    clock: Clock,
+    counters: &Arc<Counters>,
+    stop: &CancellationToken,
+    commits: UnboundedSender<CommitBatch>,
+) -> Result<JoinSet<Result<WriterStats>>> {
+    let shared = Arc::new(Shared {
+        aggregates: Aggregates {
+            count: config.aggregates,
+            types: config.aggregate_types.clone(),
+        },
+        config: config.clone(),
+        run_id: run_id.to_string(),
+        clock,
+        counters: Arc::clone(counters),
+        stop: stop.clone(),
+    });
+    let mut writers = JoinSet::new();
+    for (i, conn) in conns.into_iter().enumerate() {
+        let w = Writer::new(i, conn, Arc::clone(&shared), commits.clone())?;
+        writers.spawn(w.run());
+    }
+    Ok(writers)
+}
+
+/// What the writers did together.
+struct Written {
+    tx_latency: Histogram<u64>,
+    transactions: u64,
+    last_commit_us: Option<u64>,
+    failure: Option<anyhow::Error>,
+}
+
+/// Waits for every writer; the first failure stops the others.
+async fn join_writers(
+    mut writers: JoinSet<Result<WriterStats>>,
+    stop: &CancellationToken,
+) -> Result<Written> {
+    let mut w = Written {
+        tx_latency: tally::latency_histogram()?,
+        transactions: 0,
+        last_commit_us: None,
+        failure: None,
+    };
+    while let Some(joined) = writers.join_next().await {
+        match joined.map_err(anyhow::Error::from).and_then(|r| r) {
+            Ok(stats) => {
+                w.tx_latency.add(&stats.tx_latency)?;
+                w.transactions += stats.transactions;
+                w.last_commit_us = w.last_commit_us.max(stats.last_commit_us);
+            }
+            Err(e) => {
+                stop.cancel();
+                w.failure.get_or_insert(e);
+            }
+        }
+    }
+    Ok(w)
+}
+
+/// Runs the load described by `config` and verifies it end to end.
+pub async fn e2e(
+    database_url: &str,
+    config: RunConfig,
+    meta: Meta,
+) -> Result<(Report<RunConfig, Results>, Finished)> {
+    let (run_id, started_at_unix_ms) = new_run();
+    let mut admin = writer::connect(database_url).await?;
+    let postgres_version = writer::prepare(&mut admin, &config.schema).await?;
+    let conns = open_writers(database_url, config.writers).await?;
     let verifier = Verifier::connect(&config, &run_id).await?;
     for t in &verifier.topics {
         eprintln!(
@@ -60,50 +146,27 @@ pub async fn run(args: RunArgs, config: RunConfig) -> Result<Report> {
     )?;
     // Apart from `stop`: progress goes on while draining after a Ctrl-C.
     let progress_stop = CancellationToken::new();
-    let progress = progress::spawn(Arc::clone(&counters), clock, progress_stop.clone());
-    tokio::spawn(on_interrupt(stop.clone(), Arc::clone(&abort)));
-
-    let shared = Arc::new(Shared {
-        aggregates: Aggregates {
-            count: config.aggregates,
-            types: config.aggregate_types.clone(),
-        },
-        config: config.clone(),
-        run_id: run_id.clone(),
+    let progress = progress::spawn(
+        Arc::clone(&counters),
         clock,
-        counters: Arc::clone(&counters),
-        stop: stop.clone(),
-    });
-    let mut writers = JoinSet::new();
-    for (i, conn) in conns.into_iter().enumerate() {
-        let w = Writer::new(i, conn, Arc::clone(&shared), commits_tx.clone())?;
-        writers.spawn(w.run());
-    }
-    drop(commits_tx);
-    drop(shared);
+        progress_stop.clone(),
+        progress::E2E,
+    );
+    let interrupt = tokio::spawn(on_interrupt(stop.clone(), Arc::clone(&abort)));
 
-    let mut tx_latency = tally::latency_histogram()?;
-    let mut failure = None;
-    while let Some(joined) = writers.join_next().await {
-        match joined.map_err(anyhow::Error::from).and_then(|r| r) {
-            Ok(stats) => tx_latency.add(&stats.tx_latency)?,
-            Err(e) => {
-                // One failing writer ends the run; the others stop too.
-                stop.cancel();
-                failure.get_or_insert(e);
-            }
-        }
-    }
+    let writers = start_writers(conns, &config, &run_id, clock, &counters, &stop, commits_tx)?;
+    let written = join_writers(writers, &stop).await?;
     counters.writing_done.store(true, Ordering::Relaxed);
-    if failure.is_some() {
+    if written.failure.is_some() {
         abort.store(true, Ordering::Relaxed);
     }
     let outcome = tokio::task::spawn_blocking(move || verifier.join())
         .await?
         .map_err(|_| anyhow!("the verifier thread panicked"))?;
     progress_stop.cancel();
-    let _ = progress.await;
-    if let Some(e) = failure {
+    let samples = progress.await.unwrap_or_default();
+    interrupt.abort();
+    if let Some(e) = written.failure {
         return Err(e);
     }
     let outcome = outcome.context("verifier")?;
@@ -115,20 +178,58 @@ pub async fn run(args: RunArgs, config: RunConfig) -> Result<Report> {
             "drain stopped before every committed event arrived"
         }
     );
-
-    let results = results(&outcome, clock, &tx_latency);
     admin.close().await.ok();
-    Ok(Report {
+
+    let mut results = results(&outcome, clock, &written.tx_latency);
+    results.lag = lag_summary(&samples, results.commit_rate_eps);
+    let report = Report {
+        kind: "e2e",
+        name: meta.name.unwrap_or_else(|| "e2e".into()),
         loadgen_version: env!("CARGO_PKG_VERSION"),
         run_id,
         started_at_unix_ms,
         config,
-        machine: Machine::probe(postgres_version),
+        engine: meta.engine,
+        machine: Machine::probe(postgres_version, meta.broker),
         results,
-    })
+        timeseries: samples,
+    };
+    let mut finished = Finished::new(&report, report.markdown())?;
+    finished.failures = report.failures();
+    let t = &outcome.tally;
+    let mut curves: Vec<(&str, &Histogram<u64>)> = vec![("commit → receive", &t.latency)];
+    finished.hgrm("latency_commit_to_receive", &t.latency);
+    if !t.latency_to_append.is_empty() {
+        finished.hgrm("latency_commit_to_append", &t.latency_to_append);
+        curves.push(("commit → broker append", &t.latency_to_append));
+    }
+    finished.hgrm("latency_intended_to_receive", &t.latency_from_intended);
+    finished.hgrm("latency_transaction", &written.tx_latency);
+    curves.push(("intended → receive", &t.latency_from_intended));
+    curves.push(("transaction", &written.tx_latency));
+    let title = |what: &str| format!("{what}: {}", report.name);
+    finished.chart(
+        "throughput",
+        &charts::throughput(
+            &title("throughput"),
+            &report.timeseries,
+            Some("committed/s"),
+            Some("delivered/s"),
+        ),
+    );
+    finished.chart(
+        "lag",
+        &charts::lag(
+            &title("lag (committed − delivered)"),
+            &report.timeseries,
+            "lag",
+        ),
+    );
+    finished.chart("latency", &charts::latency(&title("latency"), &curves));
+    Ok((report, finished))
 }
 
-fn results(outcome: &Outcome, clock: Clock, tx_latency: &hdrhistogram::Histogram<u64>) -> Results {
+fn results(outcome: &Outcome, clock: Clock, tx_latency: &Histogram<u64>) -> Results {
     let t = &outcome.tally;
     let secs = |from: Option<u64>, to: Option<u64>| match (from, to) {
         (Some(a), Some(b)) => b.saturating_sub(a) as f64 / 1e6,
@@ -136,6 +237,7 @@ fn results(outcome: &Outcome, clock: Clock, tx_latency: &hdrhistogram::Histogram
     };
     let write_secs = secs(Some(clock.origin_us()), t.last_commit_us);
     let delivery_secs = secs(t.first_commit_us, t.last_delivery_us);
+    let latency_ms = Latency::from_us(&t.latency);
     Results {
         committed: t.committed,
         transactions: t.transactions,
@@ -153,9 +255,163 @@ fn results(outcome: &Outcome, clock: Clock, tx_latency: &hdrhistogram::Histogram
         drain_secs: secs(t.last_commit_us, Some(outcome.finished_us)),
         throughput_eps: per_sec(t.delivered(), delivery_secs),
         commit_rate_eps: per_sec(t.committed, write_secs),
-        latency_ms: Latency::from_us(&t.latency),
+        broker_latency: BrokerLatency::choose(
+            t.timestamp_types,
+            Latency::from_us(&t.latency_to_append),
+            &latency_ms,
+        ),
+        latency_ms,
         latency_from_intended_ms: Latency::from_us(&t.latency_from_intended),
         tx_latency_ms: Latency::from_us(tx_latency),
+        timestamp_types: t.timestamp_types,
+        lag: None,
+    }
+}
+
+/// Which write-only measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOnly {
+    /// No engine may run: the database's own commit rate.
+    DbCeiling,
+    /// An engine relays meanwhile; afterwards wait (up to the drain
+    /// timeout) for the outbox to empty, to show it kept up.
+    WithEngine,
+}
+
+/// The writers alone, no consumer.
+pub async fn write_only(
+    database_url: &str,
+    config: RunConfig,
+    meta: Meta,
+    which: WriteOnly,
+) -> Result<(Report<RunConfig, WriteResults>, Finished)> {
+    let (run_id, started_at_unix_ms) = new_run();
+    let mut admin = writer::connect(database_url).await?;
+    let postgres_version = writer::prepare(&mut admin, &config.schema).await?;
+    if which == WriteOnly::DbCeiling {
+        let live: i64 = sqlx::query_scalar(&sql::live_nodes(&config.schema))
+            .fetch_one(&mut admin)
+            .await
+            .context("looking for live engine nodes")?;
+        if live > 0 {
+            bail!(
+                "{live} engine node(s) heartbeat on {}.outbox_nodes; the db ceiling is measured with no engine running",
+                config.schema
+            );
+        }
+    }
+    let conns = open_writers(database_url, config.writers).await?;
+
+    let clock = Clock::start();
+    let counters = Arc::new(Counters::default());
+    let stop = CancellationToken::new();
+    let (commits_tx, mut commits_rx) = tokio::sync::mpsc::unbounded_channel::<CommitBatch>();
+    // The writers report commits as in an e2e run, so both do the same
+    // work; nobody needs them here.
+    let sink = tokio::spawn(async move { while commits_rx.recv().await.is_some() {} });
+    let progress_stop = CancellationToken::new();
+    let progress = progress::spawn(
+        Arc::clone(&counters),
+        clock,
+        progress_stop.clone(),
+        progress::WRITE_ONLY,
+    );
+    let abort = Arc::new(AtomicBool::new(false));
+    let interrupt = tokio::spawn(on_interrupt(stop.clone(), Arc::clone(&abort)));
+    let writers = start_writers(conns, &config, &run_id, clock, &counters, &stop, commits_tx)?;
+    let written = join_writers(writers, &stop).await?;
+    counters.writing_done.store(true, Ordering::Relaxed);
+    let _ = sink.await;
+    if let Some(e) = written.failure {
+        progress_stop.cancel();
+        return Err(e);
+    }
+    let outbox_empty_after_secs = match which {
+        WriteOnly::DbCeiling => None,
+        WriteOnly::WithEngine => {
+            wait_for_empty_outbox(&mut admin, &config.schema, config.drain_timeout(), &abort)
+                .await?
+        }
+    };
+    progress_stop.cancel();
+    let samples = progress.await.unwrap_or_default();
+    interrupt.abort();
+    admin.close().await.ok();
+
+    let committed = counters.committed.load(Ordering::Relaxed);
+    let write_secs = written
+        .last_commit_us
+        .map_or(0.0, |t| t.saturating_sub(clock.origin_us()) as f64 / 1e6);
+    let kind = match which {
+        WriteOnly::DbCeiling => "db-ceiling",
+        WriteOnly::WithEngine => "e2e-unverified",
+    };
+    let report = Report {
+        kind,
+        name: meta.name.unwrap_or_else(|| kind.into()),
+        loadgen_version: env!("CARGO_PKG_VERSION"),
+        run_id,
+        started_at_unix_ms,
+        config,
+        engine: meta.engine,
+        machine: Machine::probe(postgres_version, meta.broker),
+        results: WriteResults {
+            committed,
+            transactions: written.transactions,
+            write_secs,
+            commit_rate_eps: per_sec(committed, write_secs),
+            tx_latency_ms: Latency::from_us(&written.tx_latency),
+            outbox_empty_after_secs,
+        },
+        timeseries: samples,
+    };
+    let mut finished = Finished::new(&report, report.markdown())?;
+    if which == WriteOnly::WithEngine && outbox_empty_after_secs.is_none() {
+        finished.failures.push(format!(
+            "the outbox was not empty {} s after the last commit: the engine did not keep up",
+            report.config.drain_timeout_secs
+        ));
+    }
+    finished.hgrm("latency_transaction", &written.tx_latency);
+    let title = |what: &str| format!("{what}: {}", report.name);
+    finished.chart(
+        "throughput",
+        &charts::throughput(
+            &title("throughput"),
+            &report.timeseries,
+            Some("committed/s"),
+            None,
+        ),
+    );
+    finished.chart(
+        "latency",
+        &charts::latency(&title("latency"), &[("transaction", &written.tx_latency)]),
+    );
+    Ok((report, finished))
+}
+
+/// Polls every 200 ms until the outbox is empty; the seconds it took, or
+/// `None` after `timeout` (or an interrupt).
+async fn wait_for_empty_outbox(
+    conn: &mut PgConnection,
+    schema: &str,
+    timeout: Duration,
+    abort: &AtomicBool,
+) -> Result<Option<f64>> {
+    let sql = sql::outbox_not_empty(schema);
+    let start = Instant::now();
+    loop {
+        let pending: bool = sqlx::query_scalar(&sql)
+            .fetch_one(&mut *conn)
+            .await
+            .context("checking whether the outbox is empty")?;
+        if !pending {
+            return Ok(Some(start.elapsed().as_secs_f64()));
+        }
+        if start.elapsed() >= timeout || abort.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -7,22 +7,22 @@
 //! on tansu). Topics loadgen creates are read from the beginning; topics
 //! that already existed from the end, positioned before the load starts.
 //!
-//! TODO: broker-append latency. The engine sets each message's timestamp
-//! to the row's `created_at`, so the message timestamp is not the append
-//! time; measuring it needs `LogAppendTime` topics or broker-side metrics.
+//! Broker-append latency: the engine sets each message's timestamp to the
+//! row's `created_at` (CreateTime), so the verifier creates the run's
+//! topics with `message.timestamp.type=LogAppendTime`. A broker that
+//! honours it overwrites the timestamp with its append time, and the
+//! consumer sees `Timestamp::LogAppendTime`; the tally counts which kind
+//! arrived, so the report can say which latency it used.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use anyhow::{anyhow, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, Timestamp, TopicPartitionList};
 use serde::Deserialize;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -30,17 +30,14 @@ use uuid::Uuid;
 
 use crate::cli::RunConfig;
 use crate::clock::Clock;
+use crate::kafka::{self, CONNECT_TIMEOUT};
 use crate::progress::Counters;
 use crate::writer::{CommitBatch, RUN_HEADER};
 
 pub mod tally;
 
-pub use tally::{DuplicateSample, Location, Tally};
+pub use tally::{DuplicateSample, Location, Tally, TimestampTypes};
 
-/// How long reaching the broker may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a topic may take to appear in metadata after it was created.
-const TOPIC_WAIT: Duration = Duration::from_secs(15);
 /// How long the consumer polls after assigning before the load starts, so
 /// that "end" offsets are resolved before the first event is written.
 const SETTLE: Duration = Duration::from_secs(1);
@@ -69,25 +66,11 @@ struct Seq {
     seq: u64,
 }
 
-fn consumer_config(brokers: &str, run_id: &str) -> ClientConfig {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", brokers)
-        // Never joined (partitions are assigned); librdkafka wants one anyway.
-        .set("group.id", format!("loadgen-{run_id}"))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        // The default 500 ms would show up as latency on idle partitions.
-        .set("fetch.wait.max.ms", "10")
-        .set("socket.connection.setup.timeout.ms", "5000");
-    cc
-}
-
 impl Verifier {
     /// Reaches the broker, creates missing topics, assigns every partition.
     pub async fn connect(config: &RunConfig, run_id: &str) -> Result<Self> {
         let brokers = config.kafka_brokers.clone();
-        let consumer: BaseConsumer = consumer_config(&brokers, run_id)
+        let consumer: BaseConsumer = kafka::consumer_config(&brokers, &format!("loadgen-{run_id}"))
             .create()
             .context("creating the Kafka consumer")?;
         let consumer = tokio::task::spawn_blocking(move || {
@@ -98,13 +81,10 @@ impl Verifier {
         .await?
         .map_err(|e| anyhow!("cannot reach Kafka brokers at {brokers}: {e}"))?;
 
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &config.kafka_brokers)
-            .create()
-            .context("creating the Kafka admin client")?;
+        let admin = kafka::admin(&config.kafka_brokers)?;
         let mut created = Vec::new();
         for topic in config.topics() {
-            created.push(create_topic(&admin, &topic, config.topic_partitions).await?);
+            created.push(kafka::create_topic(&admin, &topic, config.topic_partitions).await?);
         }
         let names = config.topics();
         let (consumer, topics) = tokio::task::spawn_blocking(move || {
@@ -235,29 +215,23 @@ impl Verifier {
             partition: m.partition(),
             offset: m.offset(),
         };
-        if tally.on_message(id, key, seq.seq, at, now_us) {
+        let append_us = match m.timestamp() {
+            Timestamp::LogAppendTime(ms) => {
+                tally.timestamp_types.log_append_time += 1;
+                u64::try_from(ms).ok().map(|ms| ms * 1000)
+            }
+            Timestamp::CreateTime(_) => {
+                tally.timestamp_types.create_time += 1;
+                None
+            }
+            Timestamp::NotAvailable => {
+                tally.timestamp_types.none += 1;
+                None
+            }
+        };
+        if tally.on_message(id, key, seq.seq, at, now_us, append_us) {
             counters.delivered.fetch_add(1, Ordering::Relaxed);
         }
-    }
-}
-
-/// Creates `topic` with `partitions` partitions; `Ok(false)` if it existed.
-async fn create_topic(
-    admin: &AdminClient<DefaultClientContext>,
-    topic: &str,
-    partitions: i32,
-) -> Result<bool> {
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let opts = AdminOptions::new().operation_timeout(Some(CONNECT_TIMEOUT));
-    let results = admin
-        .create_topics([&new], &opts)
-        .await
-        .with_context(|| format!("creating topic {topic}"))?;
-    match results.into_iter().next() {
-        Some(Ok(_)) => Ok(true),
-        Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(false),
-        Some(Err((name, code))) => bail!("creating topic {name}: {code}"),
-        None => bail!("creating topic {topic}: the broker did not answer for it"),
     }
 }
 
@@ -267,7 +241,7 @@ fn assign(consumer: &BaseConsumer, names: &[String], created: &[bool]) -> Result
     let mut topics = Vec::new();
     let mut tpl = TopicPartitionList::new();
     for (name, &created) in names.iter().zip(created) {
-        let partitions = wait_for_topic(consumer, name)?;
+        let partitions = kafka::wait_for_topic(consumer, name)?;
         let from = if created {
             Offset::Beginning
         } else {
@@ -285,32 +259,6 @@ fn assign(consumer: &BaseConsumer, names: &[String], created: &[bool]) -> Result
     }
     consumer.assign(&tpl).context("assigning partitions")?;
     Ok(topics)
-}
-
-/// The partition count of `topic`, once metadata shows it.
-fn wait_for_topic(consumer: &BaseConsumer, topic: &str) -> Result<i32> {
-    let start = Instant::now();
-    loop {
-        let md = consumer
-            .fetch_metadata(Some(topic), CONNECT_TIMEOUT)
-            .with_context(|| format!("reading metadata of {topic}"))?;
-        let partitions = md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none())
-            .map(|t| t.partitions().len())
-            .unwrap_or(0);
-        if partitions > 0 {
-            return i32::try_from(partitions).context("partition count");
-        }
-        if start.elapsed() > TOPIC_WAIT {
-            bail!(
-                "topic {topic} did not appear in the broker's metadata within {}s",
-                TOPIC_WAIT.as_secs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Polls for [`SETTLE`]: librdkafka resolves "end" offsets in the

@@ -40,6 +40,14 @@ pub struct DuplicateSample {
     pub again: Location,
 }
 
+/// The timestamp types of a run's messages, as the consumer saw them.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, PartialEq, Eq)]
+pub struct TimestampTypes {
+    pub log_append_time: u64,
+    pub create_time: u64,
+    pub none: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Sent {
     intended_us: u64,
@@ -49,8 +57,8 @@ struct Sent {
 pub struct Tally {
     /// Committed, not received yet.
     pending: AHashMap<Uuid, Sent>,
-    /// Received, commit not reported yet: receive time.
-    early: AHashMap<Uuid, u64>,
+    /// Received, commit not reported yet: receive and append times.
+    early: AHashMap<Uuid, (u64, Option<u64>)>,
     /// Every id received at least once, and where it was first read
     /// (telling a re-publish from a re-read).
     delivered: AHashMap<Uuid, Location>,
@@ -74,6 +82,10 @@ pub struct Tally {
     /// Intended (due) time to receive, microseconds: what a caller of an
     /// open-loop system waits, corrected for coordinated omission.
     pub latency_from_intended: Histogram<u64>,
+    /// Commit to the broker's append time, microseconds (millisecond
+    /// resolution), for messages that carry one.
+    pub latency_to_append: Histogram<u64>,
+    pub timestamp_types: TimestampTypes,
 }
 
 impl Tally {
@@ -95,6 +107,8 @@ impl Tally {
             last_delivery_us: None,
             latency: latency_histogram()?,
             latency_from_intended: latency_histogram()?,
+            latency_to_append: latency_histogram()?,
+            timestamp_types: TimestampTypes::default(),
         })
     }
 
@@ -115,7 +129,7 @@ impl Tally {
         );
         for id in &batch.ids {
             match self.early.remove(id) {
-                Some(received_us) => self.record(sent, received_us),
+                Some((received_us, append_us)) => self.record(sent, received_us, append_us),
                 None => {
                     self.pending.insert(*id, sent);
                 }
@@ -123,8 +137,9 @@ impl Tally {
         }
     }
 
-    /// A message of this run: its id, key, `seq`, and where it was read.
-    /// Returns whether it was a first delivery.
+    /// A message of this run: its id, key, `seq`, where it was read, when
+    /// it was received and (if the broker stamped it) appended. Returns
+    /// whether it was a first delivery.
     pub fn on_message(
         &mut self,
         id: Uuid,
@@ -132,6 +147,7 @@ impl Tally {
         seq: u64,
         at: Location,
         received_us: u64,
+        append_us: Option<u64>,
     ) -> bool {
         match self.delivered.entry(id) {
             Entry::Occupied(first) if *first.get() == at => {
@@ -172,17 +188,23 @@ impl Tally {
             }
         }
         match self.pending.remove(&id) {
-            Some(sent) => self.record(sent, received_us),
+            Some(sent) => self.record(sent, received_us, append_us),
             None => {
-                self.early.insert(id, received_us);
+                self.early.insert(id, (received_us, append_us));
             }
         }
         true
     }
 
-    fn record(&mut self, sent: Sent, received_us: u64) {
+    fn record(&mut self, sent: Sent, received_us: u64, append_us: Option<u64>) {
         self.latency
             .saturating_record(received_us.saturating_sub(sent.commit_us));
+        if let Some(append_us) = append_us {
+            // The relay can append before the writer sees its commit
+            // return; that counts as 0.
+            self.latency_to_append
+                .saturating_record(append_us.saturating_sub(sent.commit_us));
+        }
         self.latency_from_intended
             .saturating_record(received_us.saturating_sub(sent.intended_us));
     }
@@ -226,9 +248,9 @@ mod tests {
         let mut t = Tally::new().unwrap();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         t.on_commit(&batch(1_000, &[a]));
-        assert!(t.on_message(a, "1", 1, AT, 3_000));
+        assert!(t.on_message(a, "1", 1, AT, 3_000, None));
         // b arrives before its commit is reported.
-        assert!(t.on_message(b, "2", 1, AT, 4_000));
+        assert!(t.on_message(b, "2", 1, AT, 4_000, None));
         assert_eq!(t.missing(), 0);
         assert_eq!(t.unexpected(), 1);
         t.on_commit(&batch(3_500, &[b]));
@@ -253,13 +275,13 @@ mod tests {
         let mut t = Tally::new().unwrap();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         t.on_commit(&batch(1_000, &[a, b]));
-        assert!(t.on_message(a, "1", 1, AT, 2_000));
+        assert!(t.on_message(a, "1", 1, AT, 2_000, None));
         let again = Location {
             partition: 0,
             offset: 7,
         };
-        assert!(!t.on_message(a, "1", 1, again, 2_500));
-        assert!(!t.on_message(a, "1", 1, AT, 2_600));
+        assert!(!t.on_message(a, "1", 1, again, 2_500, None));
+        assert!(!t.on_message(a, "1", 1, AT, 2_600, None));
         assert_eq!((t.duplicates, t.rereads), (1, 1));
         assert_eq!(t.duplicate_samples[0].first, AT);
         assert_eq!(t.duplicate_samples[0].again, again);
@@ -273,14 +295,31 @@ mod tests {
     fn order_is_checked_per_key_on_first_deliveries() {
         let mut t = Tally::new().unwrap();
         let ids: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
-        t.on_message(ids[0], "1", 1, AT, 1);
-        t.on_message(ids[1], "2", 1, AT, 1);
-        t.on_message(ids[2], "1", 2, AT, 1);
+        t.on_message(ids[0], "1", 1, AT, 1, None);
+        t.on_message(ids[1], "2", 1, AT, 1, None);
+        t.on_message(ids[2], "1", 2, AT, 1, None);
         // A re-send of seq 1 is a duplicate, not a violation.
-        t.on_message(ids[0], "1", 1, AT, 1);
+        t.on_message(ids[0], "1", 1, AT, 1, None);
         assert_eq!(t.order_violations, 0);
-        t.on_message(ids[3], "2", 3, AT, 1);
-        t.on_message(ids[4], "2", 2, AT, 1);
+        t.on_message(ids[3], "2", 3, AT, 1, None);
+        t.on_message(ids[4], "2", 2, AT, 1, None);
         assert_eq!(t.order_violations, 1);
+    }
+
+    #[test]
+    fn append_times_give_the_latency_to_the_broker() {
+        let mut t = Tally::new().unwrap();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        t.on_commit(&batch(10_000, &[a]));
+        assert!(t.on_message(a, "1", 1, AT, 30_000, Some(14_000)));
+        // Appended before the writer saw its commit return: 0, not negative.
+        assert!(t.on_message(b, "2", 1, AT, 30_000, Some(9_000)));
+        t.on_commit(&batch(10_000, &[b]));
+        assert_eq!(t.latency_to_append.len(), 2);
+        assert_eq!(
+            t.latency_to_append.max(),
+            t.latency_to_append.highest_equivalent(4_000)
+        );
+        assert_eq!(t.latency_to_append.min(), 0);
     }
 }

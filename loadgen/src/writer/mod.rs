@@ -102,6 +102,8 @@ pub struct WriterStats {
     pub transactions: u64,
     /// Begin to commit, microseconds.
     pub tx_latency: Histogram<u64>,
+    /// When the last commit returned.
+    pub last_commit_us: Option<u64>,
 }
 
 enum Insert {
@@ -177,6 +179,7 @@ impl Writer {
         let mut stats = WriterStats {
             transactions: 0,
             tx_latency: Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+            last_commit_us: None,
         };
         for n in 0u64.. {
             let Some(due) = self.schedule.due(n, clock.origin().elapsed()) else {
@@ -203,6 +206,7 @@ impl Writer {
                 .with_context(|| format!("writer {}: transaction failed", self.index))?;
             let commit_us = clock.now_us();
             stats.transactions += 1;
+            stats.last_commit_us = Some(commit_us);
             stats
                 .tx_latency
                 .saturating_record(commit_us.saturating_sub(began_us));

@@ -5,6 +5,16 @@ pub const OUTBOX_EXISTS: &str = "select to_regclass($1) is not null";
 
 pub const SERVER_VERSION: &str = "select version()";
 
+/// Engine nodes with a live heartbeat.
+pub fn live_nodes(schema: &str) -> String {
+    format!("select count(*) from {schema}.outbox_nodes where expires_at > now()")
+}
+
+/// Whether any event is still in the outbox (stops at the first row).
+pub fn outbox_not_empty(schema: &str) -> String {
+    format!("select exists(select 1 from {schema}.outbox)")
+}
+
 /// The business table every transaction writes a row to, beside its events.
 pub fn create_orders(schema: &str) -> String {
     format!(

@@ -1,59 +1,24 @@
-//! Command line: the `run` flags, checked into a typed [`RunConfig`] before
-//! anything connects. The config is also what the report records, so it
-//! never holds the database password.
+//! The `run` (and `db-ceiling`) flags, checked into a typed [`RunConfig`]
+//! before anything connects. The config is also what the report records,
+//! so it never holds the database password.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Args;
 use serde::Serialize;
 
 use outbox_engine::config::{redact_url, validate_identifier};
 use outbox_engine::sink::routing;
+
+use super::Mode;
 
 /// Most events in one transaction; the `sql` mode binds six parameters per
 /// event and PostgreSQL allows 65,535 per statement.
 pub const MAX_EVENTS_PER_TX: usize = 10_000;
 /// Largest padded payload.
 pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
-
-#[derive(Parser)]
-#[command(
-    name = "loadgen",
-    version,
-    about = "Load generator and end-to-end verifier for the outbox engine"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Subcommand)]
-pub enum Command {
-    /// Write events into the outbox at a rate, consume them from Kafka, and
-    /// report throughput, latency, loss, duplicates and ordering.
-    Run(RunArgs),
-}
-
-/// How events get into the outbox.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// `outbox_engine::Enqueuer`, one round trip per transaction.
-    Api,
-    /// A plain multi-row `insert into outbox (...) values ...`.
-    Sql,
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Mode::Api => "api",
-            Mode::Sql => "sql",
-        })
-    }
-}
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -105,7 +70,16 @@ pub struct RunArgs {
     /// How long to wait after writing for every event to arrive.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     pub drain_timeout: f64,
-    /// Write report.json and summary.md into this directory.
+    /// `run` only: no consumer. The engine must be running; after the
+    /// load, wait (up to the drain timeout) for the outbox to empty. For
+    /// the application's commit rate while the engine relays.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Name of the run in its report.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Write report.json, summary.md, .hgrm files and SVG charts into this
+    /// directory.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Print the report as JSON on stdout instead of the summary.
@@ -226,13 +200,16 @@ impl RunArgs {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{Cli, Command};
     use super::*;
+    use clap::Parser;
 
     fn parse(extra: &[&str]) -> RunArgs {
         let mut argv = vec!["loadgen", "run", "--database-url", "postgres://u:pw@h/db"];
         argv.extend_from_slice(extra);
         match Cli::try_parse_from(argv).expect("parses").command {
             Command::Run(a) => a,
+            _ => unreachable!("parsed as run"),
         }
     }
 
