@@ -506,3 +506,5 @@ impl Drop for PrivateBroker {
         self.stop();
     }
 }
+
+pub mod proxy;

@@ -7,7 +7,7 @@
 //! which counts the batch down and completes it when the last event is in.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -45,6 +45,9 @@ fn default_properties() -> BTreeMap<&'static str, &'static str> {
         ("linger.ms", "5"),
         // Same key-to-partition mapping as the Java client's default.
         ("partitioner", "murmur2_random"),
+        // A message not acknowledged in 30 s fails and is retried from the
+        // outbox (librdkafka's default is 5 minutes); see `needs_new_producer`.
+        ("message.timeout.ms", "30000"),
         ("queue.buffering.max.messages", "500000"),
         ("queue.buffering.max.kbytes", "1048576"),
         ("batch.num.messages", "10000"),
@@ -131,10 +134,45 @@ impl LogLimiter {
 /// its state) so that the next batch creates it again.
 type TopicCache = Arc<RwLock<AHashSet<String>>>;
 
+/// What the delivery callbacks tell the sink about the producer's health.
+#[derive(Default)]
+struct Health {
+    /// Milliseconds since the epoch of the last acknowledged message.
+    last_ok_ms: AtomicU64,
+    /// ...and of the last delivery that failed in a way a new producer cures.
+    last_stall_ms: AtomicU64,
+    /// Set by such a failure; the next `send` recreates the producer.
+    reset_needed: AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Delivery failures after which the producer is recreated: its messages
+/// timed out, or the broker no longer knows its producer id (a broker that
+/// restarted without its state) and librdkafka cannot get out of it.
+fn needs_new_producer(err: &KafkaError) -> bool {
+    matches!(
+        err.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageTimedOut
+                | RDKafkaErrorCode::UnknownProducerId
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                | RDKafkaErrorCode::InvalidProducerIdMapping
+        )
+    )
+}
+
 #[derive(Default)]
 struct DeliveryContext {
     limiter: LogLimiter,
     known_topics: TopicCache,
+    health: Arc<Health>,
 }
 
 impl ClientContext for DeliveryContext {
@@ -181,6 +219,14 @@ impl ProducerContext for DeliveryContext {
     fn delivery(&self, result: &DeliveryResult<'_>, tracker: Arc<BatchTracker>) {
         // With idempotence, a DUPLICATE_SEQUENCE_NUMBER is reported as
         // success without an offset: the broker has the message.
+        match result {
+            Ok(_) => self.health.last_ok_ms.store(now_ms(), Ordering::Relaxed),
+            Err((err, _)) if needs_new_producer(err) => {
+                self.health.last_stall_ms.store(now_ms(), Ordering::Relaxed);
+                self.health.reset_needed.store(true, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
         if let Err((err, msg)) = result {
             let id = msg
                 .headers()
@@ -256,33 +302,76 @@ pub fn classify(err: &KafkaError) -> SinkError {
 
 /// Publishes outbox events to Kafka.
 pub struct KafkaSink {
-    producer: Arc<ThreadedProducer<DeliveryContext>>,
+    producer: RwLock<Arc<ThreadedProducer<DeliveryContext>>>,
     admin: AdminClient<DefaultClientContext>,
     config: KafkaConfig,
     known_topics: TopicCache,
+    health: Arc<Health>,
 }
 
 impl KafkaSink {
     pub fn new(config: &KafkaConfig) -> Result<Self, SinkError> {
         let cc = client_config(config);
         let known_topics = TopicCache::default();
-        let context = DeliveryContext {
-            limiter: LogLimiter::default(),
-            known_topics: Arc::clone(&known_topics),
-        };
-        let producer = cc
-            .create_with_context(context)
-            .map(Arc::new)
-            .map_err(|e| SinkError::Permanent(format!("kafka producer: {e}")))?;
+        let health = Arc::new(Health::default());
+        let producer = Self::producer(config, &known_topics, &health)?;
         let admin = cc
             .create()
             .map_err(|e| SinkError::Permanent(format!("kafka admin client: {e}")))?;
         Ok(Self {
-            producer,
+            producer: RwLock::new(producer),
             admin,
             config: config.clone(),
             known_topics,
+            health,
         })
+    }
+
+    fn producer(
+        config: &KafkaConfig,
+        known_topics: &TopicCache,
+        health: &Arc<Health>,
+    ) -> Result<Arc<ThreadedProducer<DeliveryContext>>, SinkError> {
+        let context = DeliveryContext {
+            limiter: LogLimiter::default(),
+            known_topics: Arc::clone(known_topics),
+            health: Arc::clone(health),
+        };
+        client_config(config)
+            .create_with_context(context)
+            .map(Arc::new)
+            .map_err(|e| SinkError::Permanent(format!("kafka producer: {e}")))
+    }
+
+    fn current(&self) -> Result<Arc<ThreadedProducer<DeliveryContext>>, SinkError> {
+        self.producer
+            .read()
+            .map(|p| Arc::clone(&p))
+            .map_err(|_| SinkError::Transient("producer lock poisoned".into()))
+    }
+
+    /// Replaces the producer with a new one (a new producer id) and fails
+    /// whatever the old one still holds, so those events are retried from
+    /// the outbox through the new one.
+    async fn renew_producer(&self) -> Result<(), SinkError> {
+        let fresh = Self::producer(&self.config, &self.known_topics, &self.health)?;
+        let old = {
+            let mut slot = self
+                .producer
+                .write()
+                .map_err(|_| SinkError::Transient("producer lock poisoned".into()))?;
+            std::mem::replace(&mut *slot, fresh)
+        };
+        if let Ok(mut topics) = self.known_topics.write() {
+            topics.clear();
+        }
+        tracing::warn!("deliveries stalled (timed out or producer id unknown to the broker); recreated the Kafka producer");
+        tokio::task::spawn_blocking(move || {
+            old.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+            let _ = old.flush(Duration::from_secs(5));
+        })
+        .await
+        .map_err(|e| SinkError::Transient(format!("purging the old producer: {e}")))
     }
 
     /// Creates `topic` if it does not exist yet (when configured to).
@@ -332,7 +421,7 @@ impl KafkaSink {
 
     /// Waits until queued messages are delivered, up to `timeout`.
     pub fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
-        self.producer.flush(timeout).map_err(|e| classify(&e))
+        self.current()?.flush(timeout).map_err(|e| classify(&e))
     }
 }
 
@@ -343,6 +432,10 @@ impl Sink for KafkaSink {
             let _ = tx.send(DeliveryReport::default());
             return Ok(delivery);
         }
+        if self.health.reset_needed.swap(false, Ordering::Relaxed) {
+            self.renew_producer().await?;
+        }
+        let producer = self.current()?;
         // Topics first: a batch that cannot start leaves nothing in flight.
         // A batch has few distinct topics; each event keeps an index into them.
         let prefix = self.config.topic_prefix.as_str();
@@ -401,7 +494,7 @@ impl Sink for KafkaSink {
                 .headers(headers)
                 .timestamp(event.created_at_ms);
             loop {
-                match self.producer.send(record) {
+                match producer.send(record) {
                     Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                         record = r;
@@ -421,7 +514,16 @@ impl Sink for KafkaSink {
     }
 
     async fn check(&self) -> Result<(), SinkError> {
-        let producer = Arc::clone(&self.producer);
+        let (ok, stall) = (
+            self.health.last_ok_ms.load(Ordering::Relaxed),
+            self.health.last_stall_ms.load(Ordering::Relaxed),
+        );
+        if stall > ok && now_ms().saturating_sub(stall) < 60_000 {
+            return Err(SinkError::Transient(
+                "deliveries are stalling (timed out or producer id unknown to the broker)".into(),
+            ));
+        }
+        let producer = self.current()?;
         tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, CHECK_TIMEOUT))
             .await
             .map_err(|e| SinkError::Transient(format!("metadata task: {e}")))?
