@@ -403,7 +403,7 @@ pub enum PoisonPolicy {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            batch_size: 1000,
+            batch_size: 2000,
             max_inflight_batches: 2,
             poll_interval_ms: 10,
             vacuum_threshold_rows: 50_000,
