@@ -127,6 +127,12 @@ pub fn readme(ctx: &Context, runs: &[RunSummary], targets: &[Target]) -> String 
     }
 
     s.push_str(
+        "\nWhat bounds the missed targets, found by profiling, is in [ANALYSIS.md](ANALYSIS.md); \
+         the criterion micro-benchmarks of the engine's hot paths are in \
+         [criterion.md](criterion.md).\n",
+    );
+
+    s.push_str(
         "\n## End to end\n\nClosed loop (writers as fast as they can) unless the run is an \
          open-loop `latency-` run. Throughput is unique deliveries per second from the first \
          commit to the last delivery; latency is from commit to loadgen's consumer; \
