@@ -45,20 +45,28 @@ impl PgSource {
         let sql = (0..partitions)
             .map(|p| {
                 let t = names.partition(p);
+                // The fence updates the lease row (counting what the
+                // partition published, for `outbox status`): a takeover
+                // (which also updates it) waits for this delete, and a
+                // delete that runs after a takeover sees the new epoch and
+                // removes nothing. Either way a stale owner cannot act.
+                let acknowledge = format!(
+                    "with fence as (
+                        update {leases} set published = published + cardinality($4)
+                        where partition = $1 and epoch = $2 and incarnation = $3
+                        returning 1
+                     ), gone as (
+                        delete from {t}
+                        where position = any($4) and exists (select 1 from fence)
+                        returning 1
+                     )"
+                );
                 PartitionSql {
                     // `ack`, then the next batch in the same statement. The
                     // select's snapshot still sees the rows being deleted,
                     // so it leaves them out by position.
                     ack_and_fetch: format!(
-                        "with fence as (
-                            update {leases} set published = published + cardinality($4)
-                            where partition = $1 and epoch = $2 and incarnation = $3
-                            returning 1
-                         ), gone as (
-                            delete from {t}
-                            where position = any($4) and exists (select 1 from fence)
-                            returning 1
-                         ), next as (
+                        "{acknowledge}, next as (
                             select {columns} from {t}
                             where exists (select 1 from fence)
                               and position <> all($4) and position <> all($5)
@@ -108,21 +116,8 @@ impl PgSource {
                          order by position
                          limit $2"
                     ),
-                    // The fence updates the lease row (counting what the
-                    // partition published, for `outbox status`): a takeover
-                    // (which also updates it) waits for this delete, and a
-                    // delete that runs after a takeover sees the new epoch
-                    // and removes nothing. Either way a stale owner cannot act.
                     ack: format!(
-                        "with fence as (
-                            update {leases} set published = published + cardinality($4)
-                            where partition = $1 and epoch = $2 and incarnation = $3
-                            returning 1
-                         ), gone as (
-                            delete from {t}
-                            where position = any($4) and exists (select 1 from fence)
-                            returning 1
-                         )
+                        "{acknowledge}
                          select (select count(*) from fence), (select count(*) from gone)"
                     ),
                     vacuum: format!("vacuum (skip_locked) {t}"),
