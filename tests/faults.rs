@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 use outbox_engine::{Enqueuer, NewEvent};
 use rand::Rng;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use support::proxy::{ProxiedBroker, Proxy};
@@ -403,24 +402,7 @@ async fn consume_ids(
             }
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
-                    let mut headers = HashMap::new();
-                    if let Some(h) = m.headers() {
-                        for hd in h.iter() {
-                            headers.insert(
-                                hd.key.to_string(),
-                                String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
-                            );
-                        }
-                    }
-                    let r = Received {
-                        topic: m.topic().to_string(),
-                        partition: m.partition(),
-                        key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                        payload: serde_json::from_slice(m.payload().unwrap_or_default())
-                            .unwrap_or(Value::Null),
-                        headers,
-                        timestamp_ms: m.timestamp().to_millis(),
-                    };
+                    let r = Received::from_message(&m);
                     missing.remove(&r.id());
                     out.push(r);
                     if missing.is_empty() && done_at.is_none() {
@@ -458,6 +440,69 @@ fn delivery(committed: &[Uuid], received: &[Received]) -> Delivery {
         duplicates,
         order_violations: order_violations(received),
     }
+}
+
+/// Consumes `topic` at `bootstrap` until every id of `committed` arrived
+/// (then `grace` longer, to see duplicates) and returns the delivery
+/// figures. If the backlog did not drain, it waits 10 s rather than 60 s.
+async fn delivered(
+    bootstrap: &str,
+    topic: &str,
+    committed: &[Uuid],
+    drained: Option<Duration>,
+    grace: Duration,
+) -> Delivery {
+    let wait = Duration::from_secs(if drained.is_some() { 60 } else { 10 });
+    let got = consume_ids(bootstrap, &[topic.to_string()], committed, wait, grace).await;
+    delivery(committed, &got)
+}
+
+/// The checks every fault test ends with: the engine (if `running` is
+/// given, whether it was still up) did not exit or panic, the backlog
+/// drained (else `not_drained` is the message), no committed event was
+/// lost (else `lost` is the message), at most `max_duplicates` were
+/// re-sent, and first deliveries came in order.
+fn assert_recovered(
+    running: Option<bool>,
+    log: &Path,
+    drained: Option<Duration>,
+    not_drained: &str,
+    d: &Delivery,
+    lost: &str,
+    max_duplicates: usize,
+) {
+    if let Some(running) = running {
+        assert!(running, "the engine exited; {}", log_summary(log));
+    }
+    assert_no_panic(log);
+    assert!(drained.is_some(), "{not_drained}");
+    assert_eq!(d.lost, 0, "{lost}");
+    assert!(
+        d.duplicates <= max_duplicates,
+        "{} duplicates > {max_duplicates}",
+        d.duplicates
+    );
+    assert_eq!(d.order_violations, 0, "first deliveries out of order");
+}
+
+/// The engine used under a quarter of a core (`cpu_share` of one) while
+/// `during` lasted: it waited rather than spinning.
+fn assert_idle(cpu_share: f64, during: &str) {
+    assert!(
+        cpu_share < 0.25,
+        "engine used {:.0}% of a core while {during} (busy loop?)",
+        cpu_share * 100.0
+    );
+}
+
+/// The engine's memory (RSS, KiB) grew by under 64 MiB from `rss0` to
+/// `rss_max` while `during` lasted.
+fn assert_small(rss0: u64, rss_max: u64, during: &str) {
+    assert!(
+        rss_max.saturating_sub(rss0) < 64 * 1024,
+        "engine memory grew by {} KiB while {during}",
+        rss_max.saturating_sub(rss0)
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -642,15 +687,14 @@ async fn broker_outage_30s() {
     let after_took = restored.elapsed();
     let queued_after = gauge(http_port, "outbox_kafka_queue_messages").await;
     let ready_after = http_get(http_port, "/readyz").await.map(|r| r.0);
-    let got = consume_ids(
+    let d = delivered(
         &broker.addr(),
-        std::slice::from_ref(&topic),
+        &topic,
         &phase2.committed,
-        Duration::from_secs(if drained.is_some() { 60 } else { 10 }),
+        drained,
         Duration::from_secs(1),
     )
     .await;
-    let d = delivery(&phase2.committed, &got);
     let running = node.try_wait().unwrap().is_none();
     let cpu_total = cpu_secs(pid, tck);
     let rss_end = rss_kib(pid).unwrap_or(0);
@@ -704,10 +748,22 @@ async fn broker_outage_30s() {
     );
     eprintln!("[broker_outage] {}", log_summary(&log));
 
+    // Once it was back: everything arrived, once, in order.
+    assert_recovered(
+        Some(running),
+        &log,
+        drained,
+        &format!(
+            "the backlog did not drain within 60 s after the broker came back \
+             (pending after restore: {drain_samples:?}; librdkafka's queue {queued_after:?}; \
+             /readyz {ready_after:?})"
+        ),
+        &d,
+        "events committed during/after the outage lost",
+        WINDOW,
+    );
     // While the broker was away: the backlog grew, the engine stayed small
     // and idle.
-    assert!(running, "the engine exited; {}", log_summary(&log));
-    assert_no_panic(&log);
     assert!(
         max_pending > first_pending && max_pending > 1_000,
         "status did not show the backlog growing: {samples:?}"
@@ -716,30 +772,8 @@ async fn broker_outage_30s() {
         max_queued.is_some_and(|q| q <= WINDOW as i64),
         "the in-flight window is not bounded: producer queue {queued:?} > {WINDOW}"
     );
-    assert!(
-        outage_cpu < 0.25,
-        "engine used {:.0}% of a core while the broker was away (busy loop?)",
-        outage_cpu * 100.0
-    );
-    assert!(
-        rss_max.saturating_sub(rss0) < 64 * 1024,
-        "engine memory grew by {} KiB while the broker was away",
-        rss_max.saturating_sub(rss0)
-    );
-    // Once it was back: everything arrived, once, in order.
-    assert!(
-        drained.is_some(),
-        "the backlog did not drain within 60 s after the broker came back \
-         (pending after restore: {drain_samples:?}; librdkafka's queue {queued_after:?}; \
-         /readyz {ready_after:?})"
-    );
-    assert_eq!(d.lost, 0, "events committed during/after the outage lost");
-    assert!(
-        d.duplicates <= WINDOW,
-        "{} duplicates > {WINDOW}",
-        d.duplicates
-    );
-    assert_eq!(d.order_violations, 0, "first deliveries out of order");
+    assert_idle(outage_cpu, "the broker was away");
+    assert_small(rss0, rss_max, "the broker was away");
     assert_eq!(code, Some(0), "SIGTERM after recovery did not exit 0");
     let _ = std::fs::remove_file(&log);
 }
@@ -813,15 +847,14 @@ async fn database_cut() {
     let written = writer.await.unwrap();
     let drained = wait_drained(&db.url, Duration::from_secs(60)).await;
     let view = status(&db.url).await;
-    let got = consume_ids(
+    let d = delivered(
         &brokers(),
-        std::slice::from_ref(&topic),
+        &topic,
         &written.committed,
-        Duration::from_secs(if drained.is_some() { 60 } else { 10 }),
+        drained,
         Duration::from_secs(1),
     )
     .await;
-    let d = delivery(&written.committed, &got);
     let running = node.try_wait().unwrap().is_none();
     let (forwarded, reset) = proxy.counts();
     let rss_end = rss_kib(pid).unwrap_or(0);
@@ -866,8 +899,15 @@ async fn database_cut() {
         distinct.len()
     );
 
-    assert!(running, "the engine exited; {}", log_summary(&log));
-    assert_no_panic(&log);
+    assert_recovered(
+        Some(running),
+        &log,
+        drained,
+        "backlog did not drain after the cut",
+        &d,
+        "events lost",
+        WINDOW,
+    );
     // It logged, and backed off with jitter rather than hammering.
     assert!(
         !retries.is_empty() && retries.len() < 400,
@@ -895,19 +935,7 @@ async fn database_cut() {
         samples.iter().any(|s| s.2 == 0),
         "the leases never expired during the cut: {samples:?}"
     );
-    assert!(drained.is_some(), "backlog did not drain after the cut");
-    assert_eq!(d.lost, 0, "events lost");
-    assert!(
-        d.duplicates <= WINDOW,
-        "{} duplicates > {WINDOW}",
-        d.duplicates
-    );
-    assert_eq!(d.order_violations, 0, "first deliveries out of order");
-    assert!(
-        cut_cpu < 0.25,
-        "engine used {:.0}% of a core while the database was cut",
-        cut_cpu * 100.0
-    );
+    assert_idle(cut_cpu, "the database was cut");
     assert_eq!(code, Some(0), "SIGTERM after recovery did not exit 0");
     let _ = std::fs::remove_file(&log);
 }
@@ -1152,15 +1180,14 @@ async fn database_restart() {
     let written = writer.await.unwrap();
     let drained = wait_drained(&url, Duration::from_secs(60)).await;
     let view = status(&url).await;
-    let got = consume_ids(
+    let d = delivered(
         &brokers(),
-        std::slice::from_ref(&topic),
+        &topic,
         &written.committed,
-        Duration::from_secs(if drained.is_some() { 60 } else { 10 }),
+        drained,
         Duration::from_secs(1),
     )
     .await;
-    let d = delivery(&written.committed, &got);
     let running = node.try_wait().unwrap().is_none();
     let rss = rss_kib(pid).unwrap_or(0);
     let cpu = cpu_secs(pid, clock_ticks_per_sec());
@@ -1187,16 +1214,15 @@ async fn database_restart() {
     );
     eprintln!("[database_restart] {}", log_summary(&log));
 
-    assert!(running, "the engine exited; {}", log_summary(&log));
-    assert_no_panic(&log);
-    assert!(drained.is_some(), "backlog did not drain after the restart");
-    assert_eq!(d.lost, 0, "events lost");
-    assert!(
-        d.duplicates <= WINDOW,
-        "{} duplicates > {WINDOW}",
-        d.duplicates
+    assert_recovered(
+        Some(running),
+        &log,
+        drained,
+        "backlog did not drain after the restart",
+        &d,
+        "events lost",
+        WINDOW,
     );
-    assert_eq!(d.order_violations, 0, "first deliveries out of order");
     assert_eq!(code, Some(0), "SIGTERM after recovery did not exit 0");
     let _ = std::fs::remove_file(&log);
     drop(pg);
@@ -1261,15 +1287,14 @@ async fn broker_network_cut() {
     let written = writer.await.unwrap();
     let drained = wait_drained(&db.url, Duration::from_secs(60)).await;
     let drained_after_restore = restored.elapsed();
-    let got = consume_ids(
+    let d = delivered(
         &broker.addr(),
-        std::slice::from_ref(&topic),
+        &topic,
         &written.committed,
-        Duration::from_secs(if drained.is_some() { 60 } else { 10 }),
+        drained,
         Duration::from_secs(1),
     )
     .await;
-    let d = delivery(&written.committed, &got);
     let running = node.try_wait().unwrap().is_none();
     let (forwarded, reset) = broker.proxy.counts();
     let code = stop_node(node).await;
@@ -1298,30 +1323,21 @@ async fn broker_network_cut() {
     );
     eprintln!("[broker_network_cut] {}", log_summary(&log));
 
-    assert!(running, "the engine exited; {}", log_summary(&log));
-    assert_no_panic(&log);
-    assert!(drained.is_some(), "backlog did not drain after the cut");
-    assert_eq!(d.lost, 0, "events lost");
-    assert!(
-        d.duplicates <= WINDOW,
-        "{} duplicates > {WINDOW}",
-        d.duplicates
+    assert_recovered(
+        Some(running),
+        &log,
+        drained,
+        "backlog did not drain after the cut",
+        &d,
+        "events lost",
+        WINDOW,
     );
-    assert_eq!(d.order_violations, 0, "first deliveries out of order");
     assert!(
         max_pending > first_pending,
         "status did not show the backlog growing: {samples:?}"
     );
-    assert!(
-        cut_cpu < 0.25,
-        "engine used {:.0}% of a core while the broker was unreachable",
-        cut_cpu * 100.0
-    );
-    assert!(
-        rss_max.saturating_sub(rss0) < 64 * 1024,
-        "engine memory grew by {} KiB while the broker was unreachable",
-        rss_max.saturating_sub(rss0)
-    );
+    assert_idle(cut_cpu, "the broker was unreachable");
+    assert_small(rss0, rss_max, "the broker was unreachable");
     assert_eq!(code, Some(0), "SIGTERM after recovery did not exit 0");
     let _ = std::fs::remove_file(&log);
 }
@@ -1380,15 +1396,14 @@ async fn twenty_kill_9_under_load() {
     stop.cancel();
     let written = writer.await.unwrap();
     let drained = wait_drained(&db.url, Duration::from_secs(90)).await;
-    let got = consume_ids(
+    let d = delivered(
         &brokers(),
-        std::slice::from_ref(&topic),
+        &topic,
         &written.committed,
-        Duration::from_secs(if drained.is_some() { 60 } else { 10 }),
+        drained,
         Duration::from_secs(2),
     )
     .await;
-    let d = delivery(&written.committed, &got);
     let code = stop_node(last).await;
     // Every figure is in hand: the database goes even if an assertion fails.
     db.drop_db().await;
@@ -1411,19 +1426,21 @@ async fn twenty_kill_9_under_load() {
     );
     eprintln!("[kill9] {}", log_summary(&log));
 
-    assert_no_panic(&log);
+    // `None`: the nodes were killed on purpose; the last one's exit code is
+    // checked below.
+    assert_recovered(
+        None,
+        &log,
+        drained,
+        "backlog did not drain",
+        &d,
+        "events lost",
+        bound,
+    );
     assert!(
         with_leases >= KILLS / 2,
         "too few nodes held leases when killed: {held_at_kill:?}"
     );
-    assert!(drained.is_some(), "backlog did not drain");
-    assert_eq!(d.lost, 0, "events lost");
-    assert!(
-        d.duplicates <= bound,
-        "{} duplicates > {bound}",
-        d.duplicates
-    );
-    assert_eq!(d.order_violations, 0, "first deliveries out of order");
     assert_eq!(code, Some(0), "SIGTERM of the last node did not exit 0");
     let _ = std::fs::remove_file(&log);
 }

@@ -179,6 +179,29 @@ pub struct Received {
 }
 
 impl Received {
+    /// What a consumer saw in `m`: its headers as strings, its payload as
+    /// JSON (`null` if it is not).
+    pub fn from_message(m: &impl Message) -> Received {
+        let mut headers = HashMap::new();
+        if let Some(h) = m.headers() {
+            for hd in h.iter() {
+                headers.insert(
+                    hd.key.to_string(),
+                    String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        Received {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+            payload: serde_json::from_slice(m.payload().unwrap_or_default())
+                .unwrap_or(serde_json::Value::Null),
+            headers,
+            timestamp_ms: m.timestamp().to_millis(),
+        }
+    }
+
     pub fn id(&self) -> Uuid {
         self.headers
             .get("id")
@@ -237,24 +260,7 @@ fn consume_blocking(
         }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                let mut headers = HashMap::new();
-                if let Some(h) = m.headers() {
-                    for hd in h.iter() {
-                        headers.insert(
-                            hd.key.to_string(),
-                            String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
-                        );
-                    }
-                }
-                out.push(Received {
-                    topic: m.topic().to_string(),
-                    partition: m.partition(),
-                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                    payload: serde_json::from_slice(m.payload().unwrap_or_default())
-                        .unwrap_or(serde_json::Value::Null),
-                    headers,
-                    timestamp_ms: m.timestamp().to_millis(),
-                });
+                out.push(Received::from_message(&m));
                 if out.len() >= want && done_at.is_none() {
                     done_at = Some(Instant::now());
                 }
@@ -468,29 +474,7 @@ impl PrivateBroker {
     /// Starts it (again) and waits until it accepts connections.
     pub fn restart(&mut self) {
         self.stop();
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = std::process::Command::new(Self::binary())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu (deploy/services.sh installs it)");
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "tansu did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.child = Some(spawn_tansu(self.port, self.port));
     }
 
     pub fn stop(&mut self) {
@@ -499,6 +483,32 @@ impl PrivateBroker {
             let _ = c.wait();
         }
     }
+}
+
+/// Starts an in-memory tansu broker listening on `listen_port` and
+/// advertising `advertised_port` to clients, and waits until it accepts
+/// connections (panics after 20 s, the broker killed).
+pub fn spawn_tansu(listen_port: u16, advertised_port: u16) -> std::process::Child {
+    let listen = format!("tcp://127.0.0.1:{listen_port}");
+    let advertised = format!("tcp://127.0.0.1:{advertised_port}");
+    let mut child = std::process::Command::new(PrivateBroker::binary())
+        .args(["broker", "--listener-url", &listen])
+        .args(["--advertised-listener-url", &advertised])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tansu (deploy/services.sh installs it)");
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", listen_port)).is_err() {
+        if start.elapsed() >= Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tansu did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
 }
 
 impl Drop for PrivateBroker {

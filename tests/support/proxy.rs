@@ -3,10 +3,9 @@
 //! tansu broker that clients reach only through such a proxy.
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -176,25 +175,7 @@ impl ProxiedBroker {
     /// Starts tansu (again) and waits until it accepts connections.
     pub fn restart(&mut self) {
         self.stop();
-        let listen = format!("tcp://127.0.0.1:{}", self.broker_port);
-        let advertised = format!("tcp://127.0.0.1:{}", self.proxy.port());
-        let child = std::process::Command::new(super::PrivateBroker::binary())
-            .args(["broker", "--listener-url", &listen])
-            .args(["--advertised-listener-url", &advertised])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu (deploy/services.sh installs it)");
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.broker_port)).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "tansu did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.child = Some(super::spawn_tansu(self.broker_port, self.proxy.port()));
     }
 
     pub fn stop(&mut self) {
