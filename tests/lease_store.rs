@@ -33,19 +33,30 @@ async fn expire_lease(db: &TestDb, partition: i32) {
     .unwrap();
 }
 
-#[tokio::test]
-async fn a_stale_owner_cannot_acknowledge() {
+/// A one-partition outbox with its lease store and source.
+async fn one_partition() -> (TestDb, PgLeaseStore, PgSource) {
     let db = TestDb::new(1).await;
     let names = Names::new("public").unwrap();
     let leases = PgLeaseStore::new(db.pool.clone(), &names);
     let source = PgSource::new(db.pool.clone(), &names, 1);
-    sqlx::query(
+    (db, leases, source)
+}
+
+/// Inserts `count` events; `aggregate` and `payload` are SQL over `g`.
+async fn insert(db: &TestDb, count: i32, aggregate: &str, payload: &str) {
+    sqlx::query(&format!(
         "insert into outbox (aggregate_type, aggregate_id, event_type, payload)
-         select 'order', g::text, 'E', '{}' from generate_series(1, 10) g",
-    )
+         select 'order', {aggregate}, 'E', {payload} from generate_series(1, {count}) g"
+    ))
     .execute(&db.pool)
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn a_stale_owner_cannot_acknowledge() {
+    let (db, leases, source) = one_partition().await;
+    insert(&db, 10, "g::text", "'{}'").await;
 
     let (a, b) = (member("a"), member("b"));
     let old = leases
@@ -111,17 +122,8 @@ async fn a_stale_owner_cannot_acknowledge() {
 
 #[tokio::test]
 async fn fetch_leaves_out_what_is_in_flight_and_keeps_position_order() {
-    let db = TestDb::new(1).await;
-    let names = Names::new("public").unwrap();
-    let leases = PgLeaseStore::new(db.pool.clone(), &names);
-    let source = PgSource::new(db.pool.clone(), &names, 1);
-    sqlx::query(
-        "insert into outbox (aggregate_type, aggregate_id, event_type, payload)
-         select 'order', (g % 3)::text, 'E', jsonb_build_object('g', g) from generate_series(1, 9) g",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    let (db, leases, source) = one_partition().await;
+    insert(&db, 9, "(g % 3)::text", "jsonb_build_object('g', g)").await;
     let claim = leases.acquire(&member("a"), 0, TTL).await.unwrap().unwrap();
     let first = source.fetch(&claim, 4, &[]).await.unwrap();
     let in_flight: Vec<i64> = first.iter().map(|e| e.position).collect();
@@ -172,17 +174,8 @@ async fn a_node_id_in_use_by_a_live_process_is_not_taken() {
 
 #[tokio::test]
 async fn acknowledge_and_fetch_is_fenced_and_leaves_out_what_is_in_flight() {
-    let db = TestDb::new(1).await;
-    let names = Names::new("public").unwrap();
-    let leases = PgLeaseStore::new(db.pool.clone(), &names);
-    let source = PgSource::new(db.pool.clone(), &names, 1);
-    sqlx::query(
-        "insert into outbox (aggregate_type, aggregate_id, event_type, payload)
-         select 'order', g::text, 'E', '{}' from generate_series(1, 12) g",
-    )
-    .execute(&db.pool)
-    .await
-    .unwrap();
+    let (db, leases, source) = one_partition().await;
+    insert(&db, 12, "g::text", "'{}'").await;
     let (a, b) = (member("a"), member("b"));
     let claim = leases.acquire(&a, 0, TTL).await.unwrap().unwrap();
     let first = source.fetch(&claim, 4, &[]).await.unwrap();

@@ -98,33 +98,33 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 run::write_only(
                     &args.database_url,
                     config,
-                    meta(&args.name),
+                    meta(&args.report.name),
                     WriteOnly::WithEngine,
                 )
                 .await?
                 .1
             } else {
-                run::e2e(&args.database_url, config, meta(&args.name))
+                run::e2e(&args.database_url, config, meta(&args.report.name))
                     .await?
                     .1
             };
-            finish(&finished, args.out.as_deref(), args.json)
+            finish(&finished, args.report.out.as_deref(), args.report.json)
         }
         Command::DbCeiling(args) => {
             let config = checked!(args.validate());
             let (_, finished) = run::write_only(
                 &args.database_url,
                 config,
-                meta(&args.name),
+                meta(&args.report.name),
                 WriteOnly::DbCeiling,
             )
             .await?;
-            finish(&finished, args.out.as_deref(), args.json)
+            finish(&finished, args.report.out.as_deref(), args.report.json)
         }
         Command::BrokerCeiling(args) => {
             let config = checked!(args.validate());
-            let (_, finished) = broker::run(config, meta(&args.name)).await?;
-            finish(&finished, args.out.as_deref(), args.json)
+            let (_, finished) = broker::run(config, meta(&args.report.name)).await?;
+            finish(&finished, args.report.out.as_deref(), args.report.json)
         }
         Command::Drain(args) => {
             let config = checked!(args.validate());
@@ -135,8 +135,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 log_dir: &args.log_dir,
             };
             let (_, finished) =
-                drain::run(&args.database_url, config, opts, meta(&args.name)).await?;
-            finish(&finished, args.out.as_deref(), args.json)
+                drain::run(&args.database_url, config, opts, meta(&args.report.name)).await?;
+            finish(&finished, args.report.out.as_deref(), args.report.json)
         }
         Command::Suite(args) => {
             let config = checked!(args.validate());

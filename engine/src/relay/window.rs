@@ -43,10 +43,6 @@ impl<D> Window<D> {
         self.batches.is_empty()
     }
 
-    pub fn len(&self) -> usize {
-        self.batches.len()
-    }
-
     /// Every position in flight, for the next fetch to leave out.
     pub fn positions(&self) -> &[i64] {
         &self.positions

@@ -88,6 +88,27 @@ impl Meters {
     }
 }
 
+/// Counts and logs a failed store operation; returns how long to wait before
+/// trying again. Every failure is retried (the database may come back, an
+/// operator may fix a schema), but one that will not go away by itself is
+/// logged as an error that needs an operator.
+fn store_failure(
+    meters: &Meters,
+    backoff: &mut Backoff,
+    partition: u32,
+    what: &str,
+    error: &crate::error::StoreError,
+) -> Duration {
+    meters.store_errors.increment(1);
+    let delay = backoff.next_delay();
+    if error.is_retriable() {
+        tracing::warn!(partition, %error, retry_in = ?delay, "{what} failed");
+    } else {
+        tracing::error!(partition, %error, retry_in = ?delay, "{what} failed and will fail again until the cause is fixed");
+    }
+    delay
+}
+
 pub struct Worker<S, K> {
     claim: Claim,
     source: Arc<S>,
@@ -213,9 +234,13 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
                         continue;
                     }
                     Err(error) => {
-                        self.meters.store_errors.increment(1);
-                        let delay = self.backoff.next_delay();
-                        tracing::warn!(partition, %error, retry_in = ?delay, "fetch failed");
+                        let delay = store_failure(
+                            &self.meters,
+                            &mut self.backoff,
+                            partition,
+                            "fetch",
+                            &error,
+                        );
                         next_fetch = Instant::now() + delay;
                     }
                 }
@@ -341,8 +366,15 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
                         }
                         Ok(Ack::Fenced) => return Some(Exit::Fenced),
                         Err(error) => {
-                            self.meters.store_errors.increment(1);
-                            tracing::warn!(partition, position, %error, "could not park event; will retry");
+                            // Tried again at the event's next failure.
+                            let delay = store_failure(
+                                &self.meters,
+                                &mut self.backoff,
+                                partition,
+                                "parking",
+                                &error,
+                            );
+                            tracing::debug!(position, retry_in = ?delay, "parking deferred");
                         }
                     }
                 }
@@ -393,11 +425,15 @@ impl<S: EventSource, K: Sink> Worker<S, K> {
                     return Err(Exit::Fenced);
                 }
                 Err(error) => {
-                    self.meters.store_errors.increment(1);
                     // Retry the acknowledgement alone; fetching can wait.
                     fetch_next = None;
-                    let delay = backoff.next_delay();
-                    tracing::warn!(partition = self.claim.partition, %error, retry_in = ?delay, "acknowledgement failed");
+                    let delay = store_failure(
+                        &self.meters,
+                        &mut backoff,
+                        self.claim.partition,
+                        "acknowledgement",
+                        &error,
+                    );
                     tokio::select! {
                         _ = signals.revoke.cancelled() => return Err(Exit::Revoked),
                         _ = tokio::time::sleep(delay) => {}

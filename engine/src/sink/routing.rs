@@ -50,8 +50,10 @@ pub fn check_topic(name: &str) -> Result<(), SinkError> {
     Ok(())
 }
 
-/// Calls `f` with each message header of an event, in the order of
-/// [`headers`]; the id is formatted on the stack.
+/// Calls `f` with each message header of an event, in this order: `id`,
+/// `event_type`, `aggregate_type`, then the row's own headers in key
+/// order (jsonb keeps no other); row headers cannot override the engine's
+/// three. The id is formatted on the stack.
 pub fn for_each_header(
     event: &OutboxEvent,
     mut f: impl FnMut(&str, &[u8]),
@@ -83,27 +85,19 @@ pub fn for_each_header(
     Ok(())
 }
 
-/// A message header, borrowed from the event where it can be.
-pub type Header<'a> = (Cow<'a, str>, Cow<'a, str>);
-
-/// The message headers of an event: `id`, `event_type`, `aggregate_type`,
-/// then the row's own headers in key order (jsonb keeps no other). Row headers cannot
-/// override the engine's three.
-pub fn headers(event: &OutboxEvent) -> Result<Vec<Header<'static>>, SinkError> {
-    let mut out = Vec::with_capacity(3);
-    for_each_header(event, |k, v| {
-        out.push((
-            Cow::Owned(k.to_string()),
-            Cow::Owned(String::from_utf8_lossy(v).into_owned()),
-        ))
-    })?;
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use uuid::Uuid;
+
+    /// The headers `for_each_header` produces, collected.
+    fn headers(event: &OutboxEvent) -> Result<Vec<(String, String)>, SinkError> {
+        let mut out = Vec::new();
+        for_each_header(event, |k, v| {
+            out.push((k.to_string(), String::from_utf8_lossy(v).into_owned()))
+        })?;
+        Ok(out)
+    }
 
     fn event() -> OutboxEvent {
         OutboxEvent {
@@ -159,7 +153,7 @@ mod tests {
         e.headers =
             Some(br#"{"traceparent": "00-abc-01", "id": "spoof", "tenant": "t1"}"#.to_vec());
         let h = headers(&e).unwrap();
-        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         assert_eq!(
             h,
             vec![
@@ -228,7 +222,7 @@ mod tests {
                 match headers(&event) {
                     Ok(h) => {
                         prop_assert!(h.len() >= 3);
-                        prop_assert_eq!(h[0].0.as_ref(), HEADER_ID);
+                        prop_assert_eq!(h[0].0.as_str(), HEADER_ID);
                     }
                     Err(e) => prop_assert!(!e.is_retriable()),
                 }

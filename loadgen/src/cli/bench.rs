@@ -77,15 +77,8 @@ pub struct BrokerArgs {
     /// in-memory broker frees them).
     #[arg(long)]
     pub keep_topics: bool,
-    /// Name of the run in its report.
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Write the report, .hgrm and SVG files into this directory.
-    #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
-    /// Print the report as JSON on stdout instead of the summary.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub report: super::ReportArgs,
 }
 
 /// A checked `broker-ceiling` configuration.
@@ -202,15 +195,8 @@ pub struct DrainArgs {
     /// Keep the topics afterwards.
     #[arg(long)]
     pub keep_topics: bool,
-    /// Name of the run in its report.
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Write the report and charts into this directory.
-    #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
-    /// Print the report as JSON on stdout instead of the summary.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub report: super::ReportArgs,
 }
 
 /// A checked `drain` configuration.

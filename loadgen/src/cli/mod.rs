@@ -61,3 +61,19 @@ impl std::fmt::Display for Mode {
         })
     }
 }
+
+/// Where and how a single run reports; shared by `run`, `db-ceiling`,
+/// `broker-ceiling` and `drain`.
+#[derive(clap::Args, Debug, Default)]
+pub struct ReportArgs {
+    /// Name of the run in its report.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Write report.json, summary.md, .hgrm files and SVG charts into this
+    /// directory.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<std::path::PathBuf>,
+    /// Print the report as JSON on stdout instead of the summary.
+    #[arg(long)]
+    pub json: bool,
+}

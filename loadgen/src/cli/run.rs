@@ -2,7 +2,6 @@
 //! before anything connects. The config is also what the report records,
 //! so it never holds the database password.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -75,16 +74,8 @@ pub struct RunArgs {
     /// the application's commit rate while the engine relays.
     #[arg(long)]
     pub no_verify: bool,
-    /// Name of the run in its report.
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Write report.json, summary.md, .hgrm files and SVG charts into this
-    /// directory.
-    #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
-    /// Print the report as JSON on stdout instead of the summary.
-    #[arg(long)]
-    pub json: bool,
+    #[command(flatten)]
+    pub report: super::ReportArgs,
 }
 
 /// A checked `run` configuration.

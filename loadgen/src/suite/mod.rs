@@ -122,9 +122,10 @@ impl Ctx<'_> {
             mode: Mode::Api,
             drain_timeout: DRAIN_TIMEOUT_SECS,
             no_verify: false,
-            name: Some(name.into()),
-            out: None,
-            json: false,
+            report: crate::cli::ReportArgs {
+                name: Some(name.into()),
+                ..Default::default()
+            },
         }
         .validate()
     }
