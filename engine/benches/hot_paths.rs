@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use outbox_engine::cluster::assignment::{plan, LeaseView};
 use outbox_engine::event::OutboxEvent;
-use outbox_engine::relay::window::{settle, Window};
+use outbox_engine::relay::window::{settle, InFlight, Window};
 use outbox_engine::sink::routing;
 use outbox_engine::sink::DeliveryReport;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -85,11 +85,14 @@ fn batching(c: &mut Criterion) {
         b.iter_batched(
             || Window::new(4),
             |mut w| {
-                w.push(&events, ());
-                let exclude = w.positions().len();
+                w.push(InFlight {
+                    ids: events.iter().map(|e| e.id).collect(),
+                    session: 1,
+                    delivery: (),
+                });
                 let done = w.pop_front().unwrap();
-                let s = settle(&done.positions, &done.ids, DeliveryReport::default());
-                black_box((exclude, s.acked.len()))
+                let s = settle(&done.ids, DeliveryReport::default());
+                black_box(s.delivered_prefix)
             },
             BatchSize::SmallInput,
         )
@@ -105,10 +108,11 @@ fn assignment(c: &mut Criterion) {
             .map(|p| LeaseView {
                 partition: p,
                 owner: (p % 2 == 0).then(|| live[p as usize % nodes].clone()),
+                mode: outbox_engine::relay::Mode::Poll,
             })
             .collect();
         g.bench_function(format!("plan_256_partitions/{nodes}_nodes"), |b| {
-            b.iter(|| black_box(plan(&live, "node-01", &leases)))
+            b.iter(|| black_box(plan(&live, "node-01", &leases, None)))
         });
     }
     g.finish();

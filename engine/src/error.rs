@@ -73,6 +73,11 @@ pub enum SinkError {
     /// the topic name is invalid, authorization was refused.
     #[error("permanent: {0}")]
     Permanent(String),
+    /// The broker refused a request for its size. That may be the fault of
+    /// one event or of a batch of innocent ones: only an event refused on
+    /// its own is poison.
+    #[error("too large: {0}")]
+    TooLarge(String),
 }
 
 impl SinkError {

@@ -60,3 +60,19 @@ impl Encode<'_, Postgres> for JsonBytes {
         Ok(IsNull::No)
     }
 }
+
+/// An event for tests of the relay: `position`, an id derived from it, the
+/// given aggregate, an empty JSON payload.
+pub fn test_event(position: i64, aggregate_id: &str) -> OutboxEvent {
+    OutboxEvent {
+        position,
+        id: Uuid::from_u128(position as u128),
+        aggregate_type: "test".into(),
+        aggregate_id: aggregate_id.into(),
+        event_type: "Test".into(),
+        payload: b"{}".to_vec(),
+        headers: None,
+        topic: None,
+        created_at_ms: 0,
+    }
+}

@@ -2,22 +2,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use outbox_engine::cluster::node::Node;
-use outbox_engine::cluster::Member;
-use outbox_engine::config::{Config, DatabaseUrl};
-use outbox_engine::ops::{self, readiness::Readiness};
-use outbox_engine::sink::kafka::KafkaSink;
-use outbox_engine::sink::Sink;
-use outbox_engine::store::leases::PgLeaseStore;
+use outbox_engine::config::{
+    validate_identifier, Config, Flag, Layered, Layers, PoisonPolicy, SourceKind,
+};
+use outbox_engine::error::ConfigError;
 use outbox_engine::store::schema::{self, MigrateOutcome};
-use outbox_engine::store::source::PgSource;
 use outbox_engine::store::{self as pgstore, Names};
 
 #[global_allocator]
@@ -30,14 +25,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Transactional outbox relay: PostgreSQL to Kafka"
 )]
 struct Cli {
-    /// TOML configuration file; flags and environment override it.
+    /// TOML configuration file; environment variables and flags override it.
     #[arg(long, global = true, env = "OUTBOX_CONFIG")]
     config: Option<PathBuf>,
-    /// PostgreSQL URL.
-    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    /// PostgreSQL URL [env: DATABASE_URL].
+    #[arg(long, global = true)]
     database_url: Option<String>,
-    /// Schema of the outbox tables.
-    #[arg(long, global = true, env = "OUTBOX_SCHEMA")]
+    /// Schema of the outbox tables [env: OUTBOX_SCHEMA].
+    #[arg(long, global = true)]
     schema: Option<String>,
     /// Log format.
     #[arg(long, global = true, env = "OUTBOX_LOG_FORMAT", default_value = "text")]
@@ -63,15 +58,28 @@ enum Command {
         /// default 1 MiB for a new schema, unchanged for an existing one.
         #[arg(long)]
         max_payload_bytes: Option<u32>,
+        /// Positions per ring segment of a new outbox, as a power of two
+        /// (default 18: 262,144); segments are truncated once published.
+        #[arg(long, value_name = "SHIFT")]
+        ring_shift: Option<u32>,
+        /// Also create what the CDC source needs: the publication and the
+        /// replication slot (`cdc.publication`, `cdc.slot`); needs a server
+        /// with wal_level = logical.
+        #[arg(long)]
+        cdc: bool,
     },
     /// Run a relay node until SIGTERM or SIGINT.
     Run(RunArgs),
     /// Validate the configuration `run` would use (flags, environment,
-    /// file) without connecting anywhere, and print it with secrets masked.
+    /// file) without connecting anywhere, and print it with secrets masked
+    /// and where each value that is not a default came from.
     CheckConfig(RunArgs),
     /// Manage events parked in the dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Choose how partitions are relayed: polled or streamed (CDC).
+    #[command(subcommand)]
+    Source(SourceCommand),
     /// Show partitions, owners and backlog.
     Status {
         /// Print JSON instead of a table.
@@ -80,6 +88,27 @@ enum Command {
         /// Refresh every this many seconds until interrupted.
         #[arg(long, value_name = "SECS")]
         watch: Option<f64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SourceCommand {
+    /// Switch partitions to another source while nodes run (one partition
+    /// at a time or all at once; both directions, nothing lost).
+    Switch {
+        /// The source to switch to.
+        #[arg(long, value_enum)]
+        to: outbox_engine::config::SourceKind,
+        /// A partition to switch (repeatable).
+        #[arg(
+            long = "partition",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        partitions: Vec<u32>,
+        /// Switch every partition.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -114,16 +143,20 @@ enum DlqCommand {
     },
 }
 
+/// Flags of `run` and `check-config`, each setting one configuration key.
+/// Every key can also be set in the file and from the environment as
+/// `OUTBOX_<SECTION>__<KEY>`; `[env: ...]` names an older variable that
+/// still works. Flags beat the environment, which beats the file.
 #[derive(Args)]
 struct RunArgs {
-    /// This node's id, unique among live nodes (default: the host name).
-    #[arg(long, env = "OUTBOX_NODE_ID")]
+    /// This node's id, unique among live nodes (default: the host name) [env: OUTBOX_NODE_ID].
+    #[arg(long)]
     node_id: Option<String>,
-    /// Kafka bootstrap servers, host:port[,host:port].
-    #[arg(long, env = "KAFKA_BROKERS")]
+    /// Kafka bootstrap servers, host:port[,host:port] [env: KAFKA_BROKERS].
+    #[arg(long)]
     kafka_brokers: Option<String>,
-    /// Prefix of default topic names (`<prefix><aggregate_type>`).
-    #[arg(long, env = "OUTBOX_TOPIC_PREFIX")]
+    /// Prefix of default topic names (`<prefix><aggregate_type>`) [env: OUTBOX_TOPIC_PREFIX].
+    #[arg(long)]
     topic_prefix: Option<String>,
     /// Partitions of topics the engine creates.
     #[arg(long)]
@@ -137,6 +170,15 @@ struct RunArgs {
     /// Idle wait between fetches of a partition with nothing to publish.
     #[arg(long)]
     poll_interval_ms: Option<u64>,
+    /// Longest wait of a caught-up partition for its doorbell before it looks anyway.
+    #[arg(long)]
+    idle_poll_ms: Option<u64>,
+    /// What to do with an event the broker refuses for good.
+    #[arg(long)]
+    poison_policy: Option<PoisonPolicy>,
+    /// Tries of such an event before the poison policy applies.
+    #[arg(long)]
+    max_attempts: Option<u32>,
     /// Lease time to live.
     #[arg(long)]
     lease_ttl_ms: Option<u64>,
@@ -146,9 +188,133 @@ struct RunArgs {
     /// How long a graceful stop may take.
     #[arg(long)]
     shutdown_timeout_ms: Option<u64>,
-    /// Address of /metrics, /healthz and /readyz (`off` to disable).
-    #[arg(long, env = "OUTBOX_HTTP_ADDR")]
+    /// Longest a message may take to reach the broker before it is sent
+    /// again; a takeover of an expired lease waits this long (plus 2 s)
+    /// [env: OUTBOX_DELIVERY_TIMEOUT_MS].
+    #[arg(long)]
+    delivery_timeout_ms: Option<u64>,
+    /// Size of the database connection pool.
+    #[arg(long)]
+    max_connections: Option<u32>,
+    /// Address of /metrics, /healthz and /readyz (`off` to disable) [env: OUTBOX_HTTP_ADDR].
+    #[arg(long)]
     http_addr: Option<String>,
+    /// Where events come from: the outbox poller or logical replication [env: OUTBOX_SOURCE].
+    #[arg(long)]
+    source: Option<SourceKind>,
+}
+
+impl RunArgs {
+    /// The keys these flags set.
+    fn flags(&self) -> Vec<Flag> {
+        let mut out = Vec::new();
+        flag(&mut out, "cluster.node_id", "--node-id", &self.node_id);
+        flag(
+            &mut out,
+            "kafka.brokers",
+            "--kafka-brokers",
+            &self.kafka_brokers,
+        );
+        flag(
+            &mut out,
+            "kafka.topic_prefix",
+            "--topic-prefix",
+            &self.topic_prefix,
+        );
+        let partitions = &self.topic_partitions;
+        flag(
+            &mut out,
+            "kafka.topic_partitions",
+            "--topic-partitions",
+            partitions,
+        );
+        let timeout = &self.delivery_timeout_ms;
+        flag(
+            &mut out,
+            "kafka.delivery_timeout_ms",
+            "--delivery-timeout-ms",
+            timeout,
+        );
+        flag(
+            &mut out,
+            "relay.batch_size",
+            "--batch-size",
+            &self.batch_size,
+        );
+        let inflight = &self.max_inflight_batches;
+        flag(
+            &mut out,
+            "relay.max_inflight_batches",
+            "--max-inflight-batches",
+            inflight,
+        );
+        let poll = &self.poll_interval_ms;
+        flag(
+            &mut out,
+            "relay.poll_interval_ms",
+            "--poll-interval-ms",
+            poll,
+        );
+        flag(
+            &mut out,
+            "relay.idle_poll_ms",
+            "--idle-poll-ms",
+            &self.idle_poll_ms,
+        );
+        flag(
+            &mut out,
+            "relay.poison_policy",
+            "--poison-policy",
+            &self.poison_policy,
+        );
+        flag(
+            &mut out,
+            "relay.max_attempts",
+            "--max-attempts",
+            &self.max_attempts,
+        );
+        let shutdown = &self.shutdown_timeout_ms;
+        flag(
+            &mut out,
+            "relay.shutdown_timeout_ms",
+            "--shutdown-timeout-ms",
+            shutdown,
+        );
+        flag(
+            &mut out,
+            "cluster.lease_ttl_ms",
+            "--lease-ttl-ms",
+            &self.lease_ttl_ms,
+        );
+        let heartbeat = &self.heartbeat_interval_ms;
+        flag(
+            &mut out,
+            "cluster.heartbeat_interval_ms",
+            "--heartbeat-interval-ms",
+            heartbeat,
+        );
+        let pool = &self.max_connections;
+        flag(
+            &mut out,
+            "database.max_connections",
+            "--max-connections",
+            pool,
+        );
+        flag(&mut out, "http.addr", "--http-addr", &self.http_addr);
+        flag(&mut out, "source.kind", "--source", &self.source);
+        out
+    }
+}
+
+fn flag<T: serde::Serialize>(
+    out: &mut Vec<Flag>,
+    key: &'static str,
+    name: &'static str,
+    value: &Option<T>,
+) {
+    if let Some(v) = value {
+        out.push(Flag::new(key, name, v));
+    }
 }
 
 fn main() -> ExitCode {
@@ -187,8 +353,13 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal (and never with NO_COLOR):
+    // logs sent to files or collectors stay plain text.
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -196,59 +367,57 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// File, then environment and flags over it.
-fn load_config(cli: &Cli) -> Result<Config> {
-    let mut config = match &cli.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
+/// Defaults, then the file, the environment and flags over it. `run` and
+/// `check-config` validate everything; the other commands only what they use.
+fn load_config(cli: &Cli) -> Result<Layered, ConfigError> {
+    let mut layers = Layers::new();
+    if let Some(path) = &cli.config {
+        layers = layers.file(path)?;
+    }
+    let mut flags = Vec::new();
+    flag(
+        &mut flags,
+        "database.url",
+        "--database-url",
+        &cli.database_url,
+    );
+    flag(&mut flags, "database.schema", "--schema", &cli.schema);
+    let run = match &cli.command {
+        Command::Run(args) | Command::CheckConfig(args) => Some(args),
+        _ => None,
     };
-    if let Some(url) = &cli.database_url {
-        config.database.url = DatabaseUrl::new(url.clone());
+    if let Some(args) = run {
+        flags.extend(args.flags());
     }
-    if let Some(schema) = &cli.schema {
-        config.database.schema = schema.clone();
-    }
-    if let Command::Run(args) | Command::CheckConfig(args) = &cli.command {
-        let set = |slot: &mut _, v: &Option<_>| {
-            if let Some(v) = v {
-                *slot = Clone::clone(v);
-            }
-        };
-        set(&mut config.cluster.node_id, &args.node_id);
-        set(&mut config.kafka.brokers, &args.kafka_brokers);
-        set(&mut config.kafka.topic_prefix, &args.topic_prefix);
-        set(&mut config.http.addr, &args.http_addr);
-        if let Some(v) = args.topic_partitions {
-            config.kafka.topic_partitions = v;
-        }
-        macro_rules! overlay {
-            ($($field:ident => $section:ident),*) => {
-                $( if let Some(v) = args.$field { config.$section.$field = v; } )*
-            };
-        }
-        overlay!(batch_size => relay, max_inflight_batches => relay, poll_interval_ms => relay,
-                 shutdown_timeout_ms => relay, lease_ttl_ms => cluster, heartbeat_interval_ms => cluster);
-        config.validate()?;
+    let layered = layers.env(std::env::vars_os())?.flags(flags)?.load()?;
+    if run.is_some() {
+        layered.validate()?;
     } else {
-        config.database.connect_options()?;
-        outbox_engine::config::validate_identifier("database.schema", &config.database.schema)?;
+        layered.check(|c| {
+            c.database.connect_options()?;
+            validate_identifier("database.schema", &c.database.schema)
+        })?;
     }
-    Ok(config)
+    Ok(layered)
 }
 
 async fn dispatch(cli: Cli) -> Result<()> {
-    let config = load_config(&cli)?;
+    let layered = load_config(&cli)?;
+    let config = layered.config();
     let names = Names::new(&config.database.schema)?;
     match cli.command {
         Command::Migrate {
             partitions,
             max_payload_bytes,
+            ring_shift,
+            cdc,
         } => {
             let pool = pgstore::connect(&config.database, 2).await?;
             let mut conn = pool.acquire().await.context("database")?;
             let options = schema::MigrateOptions {
                 partitions,
                 max_payload_bytes,
+                ring_shift,
             };
             match schema::migrate(&mut conn, &names.schema, options).await? {
                 MigrateOutcome::Created => {
@@ -267,19 +436,68 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     names.schema
                 ),
             }
+            if cdc {
+                let store = outbox_engine::cdc::slot::SlotStore::new(
+                    pool.clone(),
+                    &names,
+                    &config.cdc.slot,
+                    &config.cdc.publication,
+                )?;
+                let created = store.ensure().await?;
+                println!(
+                    "CDC: publication {} and replication slot {} {}",
+                    store.publication,
+                    store.slot,
+                    if created { "created" } else { "already there" }
+                );
+            }
+            Ok(())
+        }
+        Command::Source(SourceCommand::Switch {
+            to,
+            partitions,
+            all,
+        }) => {
+            use outbox_engine::relay::Mode;
+            let pool = pgstore::connect(&config.database, 2).await?;
+            pgstore::partitions(&pool, &names).await?;
+            let store = outbox_engine::cdc::slot::SlotStore::new(
+                pool.clone(),
+                &names,
+                &config.cdc.slot,
+                &config.cdc.publication,
+            )?;
+            let mode = Mode::from(to);
+            let chosen = (!all).then_some(partitions.as_slice());
+            let changed = outbox_engine::cdc::slot::switch(&store, mode, chosen).await?;
+            if changed.is_empty() {
+                println!("nothing to switch: every chosen partition already uses {mode}");
+            } else {
+                println!(
+                    "switched {} partition(s) to {mode}: {:?} (their owners stop; the next owner \
+                     waits out their deliveries, then {})",
+                    changed.len(),
+                    changed,
+                    match mode {
+                        Mode::Cdc => "catches up from the table and streams",
+                        Mode::Poll => "polls from the last CDC mark",
+                    }
+                );
+            }
             Ok(())
         }
         Command::Status { json, watch } => {
             let pool = pgstore::connect(&config.database, 2).await?;
-            let partitions = pgstore::partitions(&pool, &names).await?;
+            // A missing or outdated schema is a clear error, not an empty table.
+            pgstore::partitions(&pool, &names).await?;
             // Rates come from two samples: the previous refresh, or one
             // taken a second before the first report.
-            let mut previous = pgstore::status::read(&pool, &names, partitions).await?;
+            let mut previous = pgstore::status::read(&pool, &names).await?;
             let mut previous_at = std::time::Instant::now();
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             loop {
                 let now = std::time::Instant::now();
-                let status = pgstore::status::read(&pool, &names, partitions)
+                let status = pgstore::status::read(&pool, &names)
                     .await?
                     .with_rates(&previous, (now - previous_at).as_secs_f64());
                 previous = status.clone();
@@ -306,9 +524,18 @@ async fn dispatch(cli: Cli) -> Result<()> {
             pgstore::partitions(&pool, &names).await?;
             dlq(cmd, &pool, &names).await
         }
-        Command::Run(_) => run(config, names).await,
+        Command::Run(_) => run(config.clone()).await,
         Command::CheckConfig(_) => {
             println!("configuration is valid\n{config:#?}");
+            let set = layered.set_values();
+            if set.is_empty() {
+                println!("every key has its default");
+            } else {
+                println!("set by the file, the environment or flags (secrets masked):");
+                for line in set {
+                    println!("  {line}");
+                }
+            }
             Ok(())
         }
     }
@@ -370,75 +597,10 @@ async fn dlq(cmd: DlqCommand, pool: &sqlx::PgPool, names: &Names) -> Result<()> 
     Ok(())
 }
 
-async fn run(config: Config, names: Names) -> Result<()> {
-    let app_name = format!("outbox/{}", config.cluster.node_id);
-    // Leases and readiness on a small pool of their own, so a busy relay
-    // cannot starve the heartbeat that keeps the leases.
-    let pool = pgstore::connect_as(&config.database, 3, &app_name, &[]).await?;
-    let relay_pool = pgstore::connect_as(
-        &config.database,
-        config.database.max_connections,
-        &app_name,
-        pgstore::RELAY_SESSION,
-    )
-    .await?;
-    let partitions = pgstore::partitions(&pool, &names).await?;
-    let sink = KafkaSink::new(&config.kafka)?;
-    sink.check().await.map_err(|e| {
-        anyhow!(
-            "cannot reach Kafka brokers at {}: {e}",
-            config.kafka.brokers
-        )
-    })?;
-    let sink = Arc::new(sink);
+async fn run(config: Config) -> Result<()> {
     let shutdown = CancellationToken::new();
-    let readiness = Arc::new(Readiness::default());
-    readiness.set(true, true);
-    if let Some(addr) = config.http.socket_addr()? {
-        let metrics = ops::metrics::install().map_err(|e| anyhow!("metrics: {e}"))?;
-        let (listener, bound) = ops::http::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on http.addr {addr}"))?;
-        tracing::info!(addr = %bound, "operations endpoint: /metrics /healthz /readyz");
-        let state = ops::http::OpsState {
-            metrics,
-            readiness: Arc::clone(&readiness),
-        };
-        tokio::spawn(ops::http::serve(listener, state, shutdown.clone()));
-    }
-    tokio::spawn(ops::readiness::watch(
-        Arc::clone(&readiness),
-        pool.clone(),
-        Arc::clone(&sink),
-        std::time::Duration::from_secs(2),
-        std::time::Duration::from_secs(6),
-        shutdown.clone(),
-    ));
-    let member = Member {
-        node_id: config.cluster.node_id.clone(),
-        incarnation: Uuid::now_v7(),
-    };
-    tracing::info!(node = %member.node_id, partitions, brokers = %config.kafka.brokers, "starting relay node");
-    let node = Node {
-        member,
-        source: Arc::new(PgSource::new(relay_pool.clone(), &names, partitions)),
-        sink: Arc::clone(&sink),
-        leases: Arc::new(PgLeaseStore::new(pool.clone(), &names)),
-        relay: config.relay.clone(),
-        cluster: config.cluster.clone(),
-    };
-    let stop_node = CancellationToken::new();
-    tokio::spawn(on_signal(stop_node.clone()));
-    let result = node.run(stop_node).await;
-    shutdown.cancel();
-    result?;
-    let flush = sink.clone();
-    tokio::task::spawn_blocking(move || flush.flush(std::time::Duration::from_secs(5)))
-        .await?
-        .map_err(|e| anyhow!("flushing the producer: {e}"))?;
-    relay_pool.close().await;
-    pool.close().await;
-    tracing::info!("stopped");
+    tokio::spawn(on_signal(shutdown.clone()));
+    outbox_engine::engine::run(config, shutdown).await?;
     Ok(())
 }
 
@@ -459,4 +621,157 @@ async fn on_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use outbox_engine::config::{env_key, keys, ENV_ALIASES, ENV_PREFIX, ENV_SEPARATOR};
+
+    /// The rows of README's configuration table: file key, environment
+    /// variables, flags.
+    fn readme_rows() -> Vec<(String, Vec<String>, Vec<String>)> {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("### Configuration\n")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has a configuration section");
+        let names = |cell: &str| -> Vec<String> {
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(String::from)
+                .collect()
+        };
+        section
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split('|').collect();
+                let key = names(cells[1]).concat();
+                (key, names(cells[2]), names(cells[3]))
+            })
+            .collect()
+    }
+
+    /// A value each flag of `run` accepts.
+    const SAMPLES: &[(&str, &str)] = &[
+        ("--database-url", "postgres://u@h/d"),
+        ("--schema", "s"),
+        ("--node-id", "n"),
+        ("--kafka-brokers", "k:1"),
+        ("--topic-prefix", "p."),
+        ("--topic-partitions", "3"),
+        ("--batch-size", "7"),
+        ("--max-inflight-batches", "3"),
+        ("--poll-interval-ms", "5"),
+        ("--idle-poll-ms", "500"),
+        ("--poison-policy", "block"),
+        ("--max-attempts", "2"),
+        ("--lease-ttl-ms", "6000"),
+        ("--heartbeat-interval-ms", "500"),
+        ("--shutdown-timeout-ms", "100"),
+        ("--delivery-timeout-ms", "2000"),
+        ("--max-connections", "4"),
+        ("--http-addr", "off"),
+        ("--source", "cdc"),
+    ];
+
+    fn flags_of(args: &[&str]) -> Vec<Flag> {
+        let cli = Cli::try_parse_from(args).expect("flags parse");
+        let mut flags = Vec::new();
+        flag(
+            &mut flags,
+            "database.url",
+            "--database-url",
+            &cli.database_url,
+        );
+        flag(&mut flags, "database.schema", "--schema", &cli.schema);
+        if let Command::Run(args) = &cli.command {
+            flags.extend(args.flags());
+        }
+        flags
+    }
+
+    #[test]
+    fn every_flag_of_run_sets_the_key_readme_names() {
+        let rows = readme_rows();
+        let cmd = Cli::command();
+        let run = cmd.find_subcommand("run").expect("run");
+        let not_keys = ["help", "config", "log-format"];
+        for arg in run.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let name = format!("--{long}");
+            if not_keys.contains(&long) {
+                continue;
+            }
+            let (_, value) = SAMPLES
+                .iter()
+                .find(|(f, _)| *f == name)
+                .unwrap_or_else(|| panic!("{name} has no sample in SAMPLES"));
+            let set = flags_of(&["outbox", "run", &name, value]);
+            assert_eq!(set.len(), 1, "{name}");
+            assert_eq!(set[0].flag(), name);
+            let row = rows.iter().find(|r| r.0 == set[0].key());
+            let row = row.unwrap_or_else(|| panic!("README has no row for {}", set[0].key()));
+            assert_eq!(
+                row.2,
+                std::slice::from_ref(&name),
+                "README's flag of {}",
+                row.0
+            );
+            // And the value lands where the flag says.
+            let layered = Layers::new()
+                .flags(set)
+                .and_then(Layers::load)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(layered.set_values().len(), 1, "{name}");
+        }
+        for row in &rows {
+            for f in &row.2 {
+                assert!(
+                    SAMPLES.iter().any(|(s, _)| s == f),
+                    "README lists {f}, run has none"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn readme_lists_every_key_with_its_environment_variables() {
+        let rows = readme_rows();
+        let mut keys = keys();
+        keys.sort();
+        let mut listed: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        listed.sort();
+        assert_eq!(
+            listed, keys,
+            "README's rows against the configuration's keys"
+        );
+        for (key, env, _) in &rows {
+            let canonical = format!(
+                "{ENV_PREFIX}{}",
+                key.to_ascii_uppercase().replace('.', ENV_SEPARATOR)
+            );
+            if key == "kafka.properties" {
+                assert_eq!(env, &[format!("{canonical}{ENV_SEPARATOR}<NAME>")]);
+                continue;
+            }
+            assert_eq!(env.first(), Some(&canonical), "{key}");
+            for name in env {
+                let path = env_key(name).unwrap_or_else(|| panic!("{name} is not read"));
+                assert_eq!(path.join("."), *key, "{name}");
+            }
+            for (alias, aliased) in ENV_ALIASES {
+                if aliased == key {
+                    assert!(
+                        env.iter().any(|e| e == alias),
+                        "README lacks {alias} for {key}"
+                    );
+                }
+            }
+        }
+    }
 }

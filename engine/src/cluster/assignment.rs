@@ -2,12 +2,19 @@
 //! function over the same view (live nodes, lease owners) and the cluster
 //! converges to an even spread without a coordinator.
 //!
-//! Rule: live nodes sorted by id; node `i` of `n` targets ⌊P/n⌋ partitions,
-//! plus one if `i < P mod n`. A node above its target releases its excess;
-//! a node below takes free or expired partitions. Nobody takes a partition
-//! that a live lease holds, so no more partitions move than must.
+//! Rule: live nodes sorted by id; node `i` of `n` targets ⌊P/n⌋ of the P
+//! polled partitions, plus one if `i < P mod n`. A node above its target
+//! releases its excess; a node below takes free or expired partitions.
+//! Nobody takes a partition that a live lease holds, so no more partitions
+//! move than must.
+//!
+//! Partitions in CDC mode go to the holder of the replication slot's lease,
+//! which alone reads their events from the slot; every other node releases
+//! those it holds (after a switch of mode) and takes none.
 
 use std::hash::{Hash, Hasher};
+
+use crate::relay::Mode;
 
 /// One partition's lease as a node sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +22,7 @@ pub struct LeaseView {
     pub partition: u32,
     /// Owner of an unexpired lease, if any.
     pub owner: Option<String>,
+    pub mode: Mode,
 }
 
 /// What a node should change.
@@ -39,8 +47,28 @@ pub fn target(live: &[String], me: &str, partitions: u32) -> usize {
     p / n + usize::from(index < p % n)
 }
 
-/// The changes that bring `me` to its target, given the leases.
-pub fn plan(live: &[String], me: &str, leases: &[LeaseView]) -> Plan {
+/// The changes that bring `me` to its target, given the leases and the
+/// holder of the slot's lease.
+pub fn plan(live: &[String], me: &str, leases: &[LeaseView], slot_owner: Option<&str>) -> Plan {
+    let holds_slot = slot_owner == Some(me);
+    let mut cdc = Plan::default();
+    for l in leases.iter().filter(|l| l.mode == Mode::Cdc) {
+        match (&l.owner, holds_slot) {
+            (None, true) => cdc.acquire.push(l.partition),
+            (Some(o), false) if o == me => cdc.release.push(l.partition),
+            _ => {}
+        }
+    }
+    let polled: Vec<&LeaseView> = leases.iter().filter(|l| l.mode == Mode::Poll).collect();
+    let mut plan = plan_polled(live, me, &polled);
+    plan.acquire.extend(cdc.acquire);
+    plan.release.extend(cdc.release);
+    plan.acquire.sort_unstable();
+    plan.release.sort_unstable();
+    plan
+}
+
+fn plan_polled(live: &[String], me: &str, leases: &[&LeaseView]) -> Plan {
     let want = target(live, me, leases.len() as u32);
     let mut owned: Vec<u32> = leases
         .iter()
@@ -100,9 +128,10 @@ mod tests {
                     .map(|(p, o)| LeaseView {
                         partition: *p,
                         owner: o.clone(),
+                        mode: Mode::Poll,
                     })
                     .collect();
-                let plan = plan(live, me, &view);
+                let plan = plan(live, me, &view, None);
                 for p in plan.release {
                     owners.insert(p, None);
                     changed = true;
@@ -217,18 +246,59 @@ mod tests {
             LeaseView {
                 partition: 0,
                 owner: None,
+                mode: Mode::Poll,
             },
             LeaseView {
                 partition: 1,
                 owner: Some("ghost".into()),
+                mode: Mode::Poll,
             },
             LeaseView {
                 partition: 2,
                 owner: None,
+                mode: Mode::Poll,
             },
         ];
-        let p = plan(&live, "node-00", &leases);
+        let p = plan(&live, "node-00", &leases, None);
         assert_eq!(p.acquire, vec![0, 2]);
         assert!(p.release.is_empty());
+    }
+
+    fn view(partition: u32, owner: Option<&str>, mode: Mode) -> LeaseView {
+        LeaseView {
+            partition,
+            owner: owner.map(String::from),
+            mode,
+        }
+    }
+
+    #[test]
+    fn cdc_partitions_go_to_the_slot_holder_and_polled_ones_spread_over_everyone() {
+        let live = nodes(2);
+        let (a, b) = ("node-00", "node-01");
+        let leases = vec![
+            view(0, None, Mode::Cdc),
+            view(1, Some(a), Mode::Cdc),
+            view(2, None, Mode::Poll),
+            view(3, None, Mode::Poll),
+            view(4, Some(b), Mode::Cdc),
+        ];
+        // b holds the slot: it takes the free CDC partition and keeps its
+        // own; a releases the CDC partition it still holds from polling.
+        // Each node also targets one of the two polled partitions.
+        let polled = |p: &Plan| p.acquire.iter().filter(|x| [2, 3].contains(*x)).count();
+        let for_b = plan(&live, b, &leases, Some(b));
+        assert!(for_b.acquire.contains(&0), "{for_b:?}");
+        assert_eq!(polled(&for_b), 1, "{for_b:?}");
+        assert!(for_b.release.is_empty());
+        let for_a = plan(&live, a, &leases, Some(b));
+        assert_eq!(for_a.release, vec![1]);
+        assert!(!for_a.acquire.contains(&0), "{for_a:?}");
+        assert_eq!(polled(&for_a), 1, "{for_a:?}");
+        // Nobody holds the slot: CDC partitions stay where they are and
+        // nobody takes the free one.
+        let nobody = plan(&live, a, &leases, None);
+        assert_eq!(nobody.release, vec![1]);
+        assert!(!nobody.acquire.contains(&0));
     }
 }

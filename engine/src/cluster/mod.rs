@@ -24,6 +24,17 @@ pub struct Member {
     pub incarnation: Uuid,
 }
 
+/// A lease just taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acquired {
+    pub claim: Claim,
+    /// How long the lease holds, by the database's clock.
+    pub ttl: Duration,
+    /// How long to wait before sending: messages of the previous owner may
+    /// still land until then (its lease expired without a release).
+    pub quiet_for: Duration,
+}
+
 /// Whether a node could register.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Registration {
@@ -56,13 +67,16 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// Every partition's lease; expired leases show no owner.
     fn leases(&self) -> impl Future<Output = Result<Vec<LeaseView>, StoreError>> + Send;
 
-    /// Takes a free or expired lease, bumping its epoch.
+    /// Takes a free or expired lease, bumping its epoch. `delivery_timeout`
+    /// is how long this node's messages may take to land; the next owner
+    /// waits that out if this node loses the lease without releasing it.
     fn acquire(
         &self,
         member: &Member,
         partition: u32,
         ttl: Duration,
-    ) -> impl Future<Output = Result<Option<Claim>, StoreError>> + Send;
+        delivery_timeout: Duration,
+    ) -> impl Future<Output = Result<Option<Acquired>, StoreError>> + Send;
 
     /// Extends the leases of `claims` that this node still holds; returns those.
     fn renew(
@@ -72,8 +86,20 @@ pub trait LeaseStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send;
 
-    /// Gives a lease up (only if `claim` still holds it).
-    fn release(&self, claim: &Claim) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Gives a lease up (only if `claim` still holds it). `quiet` is how
+    /// long messages sent under it may still land (zero once every one of
+    /// them has reported); the next owner sends nothing before that.
+    fn release(
+        &self,
+        claim: &Claim,
+        quiet: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     fn deregister(&self, member: &Member) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The node that holds the replication slot's lease, if any: it owns
+    /// every partition in CDC mode (see [`assignment::plan`]).
+    fn slot_owner(&self) -> impl Future<Output = Result<Option<String>, StoreError>> + Send {
+        async { Ok(None) }
+    }
 }

@@ -2,6 +2,12 @@
 //! relay worker per partition it owns. Every heartbeat it renews, reads the
 //! cluster's view, and follows [`assignment::plan`]: starting workers for
 //! partitions it acquired, and draining (then releasing) those it gives up.
+//!
+//! Leases are renewed for as long as any worker runs, during a drain too,
+//! so a slow drain never hands a partition over mid-flight. A lease is
+//! released once its worker drained (every batch reported: nothing of it
+//! can land later); the lease of a worker abandoned at the shutdown timeout
+//! is left to expire, so the next owner waits out its delivery timeout.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,20 +17,21 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{assignment, LeaseStore, Member, Registration};
+use crate::cluster::{assignment, Acquired, LeaseStore, Member, Registration};
 use crate::config::{ClusterConfig, RelayConfig};
 use crate::error::StoreError;
 use crate::ops::metrics as m;
-use crate::relay::worker::{Exit, Signals, Totals, Worker};
-use crate::relay::{Claim, EventSource};
+use crate::relay::worker::{Exit, Signals, Totals, Worker, WorkerSpec};
+use crate::relay::{Claim, DeadLetters, EventSource, LeaseDeadline};
 use crate::sink::Sink;
 
 struct Running {
     claim: Claim,
     signals: Signals,
     handle: JoinHandle<(Exit, Totals)>,
-    /// Until when the lease is known to hold, by this node's clock.
-    valid_until: Instant,
+    /// Until when the lease is known to hold, by the database's clock as
+    /// this node saw it; the worker and the sink check it too.
+    lease: LeaseDeadline,
     /// Being drained to be released.
     releasing: bool,
 }
@@ -47,16 +54,21 @@ async fn sample_backlog<S: EventSource>(source: Arc<S>, partitions: Vec<u32>) {
 }
 
 /// Everything a node needs to run.
-pub struct Node<S, K, L> {
+pub struct Node<S, K, L, D> {
     pub member: Member,
     pub source: Arc<S>,
     pub sink: Arc<K>,
     pub leases: Arc<L>,
+    pub dead_letters: Arc<D>,
     pub relay: RelayConfig,
     pub cluster: ClusterConfig,
 }
 
-impl<S: EventSource, K: Sink, L: LeaseStore> Node<S, K, L> {
+/// Share of the TTL a renewal is trusted for, against clock rate drift and
+/// the time the renewal's answer took to arrive.
+const TRUSTED_TTL_SHARE: f32 = 0.9;
+
+impl<S: EventSource, K: Sink, L: LeaseStore, D: DeadLetters> Node<S, K, L, D> {
     /// Runs until `shutdown` is cancelled, then drains every worker (within
     /// the relay's shutdown timeout) and releases the leases.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StoreError> {
@@ -89,15 +101,7 @@ impl<S: EventSource, K: Sink, L: LeaseStore> Node<S, K, L> {
                     owned,
                 )));
             }
-            // Leases not renewed in time may have moved: stop acting on them.
-            let now = Instant::now();
-            for (p, w) in workers.iter_mut() {
-                if now >= w.valid_until && !w.signals.revoke.is_cancelled() {
-                    metrics::counter!(m::LEASES_LOST).increment(1);
-                    tracing::warn!(partition = p, "lease not renewed in time; revoking worker");
-                    w.signals.revoke.cancel();
-                }
-            }
+            revoke_expired(&workers);
         }
         self.shutdown(workers).await;
         Ok(())
@@ -132,7 +136,6 @@ impl<S: EventSource, K: Sink, L: LeaseStore> Node<S, K, L> {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         self.reap(workers).await;
-        let started = Instant::now();
         if !self.leases.heartbeat(&self.member, ttl).await? {
             tracing::error!(node = %self.member.node_id, "registration lost; revoking all workers and registering again");
             for w in workers.values() {
@@ -141,25 +144,12 @@ impl<S: EventSource, K: Sink, L: LeaseStore> Node<S, K, L> {
             self.leases.register(&self.member, ttl).await?;
             return Ok(());
         }
-        let held: Vec<Claim> = workers.values().map(|w| w.claim).collect();
-        let renewed = self.leases.renew(&self.member, &held, ttl).await?;
-        let valid_until = started + ttl.mul_f32(0.9);
-        for (p, w) in workers.iter_mut() {
-            if renewed.iter().any(|c| c == &w.claim) {
-                w.valid_until = valid_until;
-            } else if !w.signals.revoke.is_cancelled() {
-                tracing::warn!(
-                    partition = p,
-                    epoch = w.claim.epoch,
-                    "lease lost; revoking worker"
-                );
-                w.signals.revoke.cancel();
-            }
-        }
+        self.renew(workers, ttl).await?;
 
         let live = self.leases.live_nodes().await?;
         let view = self.leases.leases().await?;
-        let plan = assignment::plan(&live, &self.member.node_id, &view);
+        let slot_owner = self.leases.slot_owner().await?;
+        let plan = assignment::plan(&live, &self.member.node_id, &view, slot_owner.as_deref());
         for p in plan.release {
             if let Some(w) = workers.get_mut(&p) {
                 if !w.releasing {
@@ -173,35 +163,85 @@ impl<S: EventSource, K: Sink, L: LeaseStore> Node<S, K, L> {
             if workers.contains_key(&p) {
                 continue; // still winding down from a lost lease
             }
-            if let Some(claim) = self.leases.acquire(&self.member, p, ttl).await? {
+            let asked = Instant::now();
+            let delivery = self.sink.delivery_timeout();
+            if let Some(acquired) = self.leases.acquire(&self.member, p, ttl, delivery).await? {
                 metrics::counter!(m::LEASES_ACQUIRED).increment(1);
-                tracing::info!(partition = p, epoch = claim.epoch, "partition acquired");
-                workers.insert(p, self.spawn(claim, valid_until));
+                tracing::info!(
+                    partition = p,
+                    epoch = acquired.claim.epoch,
+                    quiet_for = ?acquired.quiet_for,
+                    "partition acquired"
+                );
+                workers.insert(p, self.spawn(acquired, asked));
             }
         }
         Ok(())
     }
 
-    fn spawn(&self, claim: Claim, valid_until: Instant) -> Running {
+    /// Renews the leases of `workers`; extends the deadlines of those
+    /// renewed, revokes the others.
+    async fn renew(
+        &self,
+        workers: &mut BTreeMap<u32, Running>,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let held: Vec<Claim> = workers
+            .values()
+            .filter(|w| !w.signals.revoke.is_cancelled())
+            .map(|w| w.claim)
+            .collect();
+        let asked = Instant::now();
+        let renewed = self.leases.renew(&self.member, &held, ttl).await?;
+        let valid_until = asked + ttl.mul_f32(TRUSTED_TTL_SHARE);
+        for (p, w) in workers.iter_mut() {
+            if renewed.iter().any(|c| c == &w.claim) {
+                w.lease.extend(valid_until);
+            } else if !w.signals.revoke.is_cancelled() {
+                tracing::warn!(
+                    partition = p,
+                    epoch = w.claim.epoch,
+                    "lease lost; revoking worker"
+                );
+                metrics::counter!(m::LEASES_LOST).increment(1);
+                w.lease.expire();
+                w.signals.revoke.cancel();
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, acquired: Acquired, asked: Instant) -> Running {
         let signals = Signals::default();
-        let worker = Worker::new(
+        let lease = LeaseDeadline::new(asked + acquired.ttl.mul_f32(TRUSTED_TTL_SHARE));
+        let claim = acquired.claim;
+        let spec = WorkerSpec {
             claim,
-            &self.member.node_id,
-            Arc::clone(&self.source),
+            node_id: self.member.node_id.clone(),
+            config: self.relay.clone(),
+            lease: lease.clone(),
+            not_before: Instant::now() + acquired.quiet_for,
+            doorbell: self.source.doorbell(&claim),
+        };
+        let worker = Worker::new(
+            spec,
+            self.source.open(&claim),
             Arc::clone(&self.sink),
-            self.relay.clone(),
+            Arc::clone(&self.dead_letters),
         );
         let handle = tokio::spawn(worker.run(signals.clone()));
         Running {
             claim,
             signals,
             handle,
-            valid_until,
+            lease,
             releasing: false,
         }
     }
 
-    /// Removes finished workers, releasing the leases of drained ones.
+    /// Removes finished workers, releasing the leases of drained ones: they
+    /// have nothing left that could land later. Any other lease is left to
+    /// expire.
     async fn reap(&self, workers: &mut BTreeMap<u32, Running>) {
         let done: Vec<u32> = workers
             .iter()
@@ -213,27 +253,42 @@ impl<S: EventSource, K: Sink, L: LeaseStore> Node<S, K, L> {
                 continue;
             };
             match w.handle.await {
-                Ok((Exit::Drained, _)) => self.release(&w.claim).await,
-                Ok((exit, _)) => tracing::info!(partition = p, ?exit, "worker ended"),
+                Ok((Exit::Drained, _)) => self.release(&w.claim, Duration::ZERO).await,
+                Ok((exit, _)) => {
+                    tracing::info!(
+                        partition = p,
+                        ?exit,
+                        "worker ended; its lease is left to expire"
+                    )
+                }
                 Err(error) => tracing::error!(partition = p, %error, "worker panicked"),
             }
         }
     }
 
-    async fn release(&self, claim: &Claim) {
-        match self.leases.release(claim).await {
-            Ok(()) => tracing::info!(
-                partition = claim.partition,
-                epoch = claim.epoch,
-                "lease released"
-            ),
+    async fn release(&self, claim: &Claim, quiet: Duration) {
+        match self.leases.release(claim, quiet).await {
+            Ok(()) => {
+                metrics::counter!(m::LEASES_RELEASED).increment(1);
+                tracing::info!(
+                    partition = claim.partition,
+                    epoch = claim.epoch,
+                    ?quiet,
+                    "lease released"
+                )
+            }
             Err(error) => {
                 tracing::warn!(partition = claim.partition, %error, "could not release lease; it will expire")
             }
         }
     }
 
-    async fn shutdown(&self, workers: BTreeMap<u32, Running>) {
+    /// Stops every worker and waits for them, renewing their leases every
+    /// heartbeat meanwhile, so that no partition changes hands before its
+    /// worker is done. Workers still running at the shutdown timeout are
+    /// abandoned, and their leases released with the time their messages
+    /// may still land.
+    async fn shutdown(&self, mut workers: BTreeMap<u32, Running>) {
         tracing::info!(
             workers = workers.len(),
             "stopping: draining in-flight batches"
@@ -241,23 +296,59 @@ impl<S: EventSource, K: Sink, L: LeaseStore> Node<S, K, L> {
         for w in workers.values() {
             w.signals.stop.cancel();
         }
+        let ttl = self.cluster.lease_ttl();
         let deadline = Instant::now() + self.relay.shutdown_timeout();
-        for (p, w) in workers {
-            let mut handle = w.handle;
-            let result = tokio::select! {
-                r = &mut handle => r,
-                _ = tokio::time::sleep_until(deadline) => {
-                    tracing::warn!(partition = p, "drain timed out; abandoning in-flight batch (it will be re-sent)");
-                    w.signals.revoke.cancel();
-                    handle.await
+        let mut tick = tokio::time::interval(self.cluster.heartbeat_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut abandoned = false;
+        while !workers.is_empty() {
+            let finished = async {
+                loop {
+                    if workers.values().any(|w| w.handle.is_finished()) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             };
-            if let Ok((Exit::Drained, _)) = result {
-                self.release(&w.claim).await;
+            tokio::select! {
+                _ = finished => {}
+                _ = tick.tick() => {
+                    if let Err(error) = self.leases.heartbeat(&self.member, ttl).await {
+                        tracing::warn!(%error, "heartbeat failed while draining");
+                    }
+                    if let Err(error) = self.renew(&mut workers, ttl).await {
+                        tracing::warn!(%error, "lease renewal failed while draining");
+                    }
+                    revoke_expired(&workers);
+                }
+                _ = tokio::time::sleep_until(deadline), if !abandoned => {
+                    abandoned = true;
+                    for (p, w) in &workers {
+                        tracing::warn!(partition = p, "drain timed out; abandoning in-flight batches (the next owner sends them again)");
+                        w.signals.revoke.cancel();
+                    }
+                    // Nothing of theirs is left queued to land late; what
+                    // is already on the wire is covered by the lease: it is
+                    // left to expire, and the next owner waits out the
+                    // delivery timeout after the expiry.
+                    self.sink.purge().await;
+                }
             }
+            self.reap(&mut workers).await;
         }
         if let Err(error) = self.leases.deregister(&self.member).await {
             tracing::warn!(%error, "could not deregister node; it will expire");
+        }
+    }
+}
+
+/// Leases not renewed in time may have moved: stop acting on them.
+fn revoke_expired(workers: &BTreeMap<u32, Running>) {
+    for (p, w) in workers {
+        if w.lease.is_past() && !w.signals.revoke.is_cancelled() {
+            metrics::counter!(m::LEASES_LOST).increment(1);
+            tracing::warn!(partition = p, "lease not renewed in time; revoking worker");
+            w.signals.revoke.cancel();
         }
     }
 }

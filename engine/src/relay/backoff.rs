@@ -21,10 +21,15 @@ impl Backoff {
         }
     }
 
-    /// The ceiling of the next wait: min × 2^attempt, capped at max.
+    /// The ceiling of the next wait: min × 2^attempt, at least twice min
+    /// (workers that failed together also spread their first retry), capped
+    /// at max.
     pub fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
-        self.min.saturating_mul(factor).min(self.max)
+        self.min
+            .saturating_mul(factor)
+            .max(self.min.saturating_mul(2))
+            .min(self.max)
     }
 
     /// The next wait, drawn between min and the ceiling.
@@ -34,6 +39,11 @@ impl Backoff {
         let lo = self.min.as_micros() as u64;
         let hi = (ceiling.as_micros() as u64).max(lo);
         Duration::from_micros(rand::thread_rng().gen_range(lo..=hi))
+    }
+
+    /// How many delays were drawn since the last reset.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
     }
 
     pub fn reset(&mut self) {
@@ -50,13 +60,25 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut ceilings = vec![];
         for _ in 0..8 {
-            ceilings.push(b.ceiling().as_millis());
+            let ceiling = b.ceiling();
+            ceilings.push(ceiling.as_millis());
             let d = b.next_delay();
-            assert!(d >= Duration::from_millis(100) && d <= Duration::from_secs(2));
+            assert!(d >= Duration::from_millis(100) && d <= ceiling);
         }
-        assert_eq!(ceilings, vec![100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        assert_eq!(ceilings, vec![200, 200, 400, 800, 1600, 2000, 2000, 2000]);
         b.reset();
-        assert_eq!(b.ceiling(), Duration::from_millis(100));
+        assert_eq!(b.ceiling(), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn the_first_retries_of_workers_that_failed_together_are_spread() {
+        let firsts: std::collections::HashSet<Duration> = (0..16)
+            .map(|_| Backoff::new(Duration::from_millis(100), Duration::from_secs(2)).next_delay())
+            .collect();
+        assert!(firsts.len() > 8, "{firsts:?}");
+        assert!(firsts
+            .iter()
+            .all(|d| *d >= Duration::from_millis(100) && *d <= Duration::from_millis(200)));
     }
 
     #[test]

@@ -11,6 +11,9 @@ use crate::event::OutboxEvent;
 pub const HEADER_ID: &str = "id";
 pub const HEADER_EVENT_TYPE: &str = "event_type";
 pub const HEADER_AGGREGATE_TYPE: &str = "aggregate_type";
+/// Header carrying the outbox row's position (decimal): an order key per
+/// aggregate, for consumers that reject stale events (last writer wins).
+pub const HEADER_POSITION: &str = "position";
 
 /// Longest topic name Kafka accepts.
 pub const MAX_TOPIC_LEN: usize = 249;
@@ -51,9 +54,9 @@ pub fn check_topic(name: &str) -> Result<(), SinkError> {
 }
 
 /// Calls `f` with each message header of an event, in this order: `id`,
-/// `event_type`, `aggregate_type`, then the row's own headers in key
-/// order (jsonb keeps no other); row headers cannot override the engine's
-/// three. The id is formatted on the stack.
+/// `event_type`, `aggregate_type`, `position`, then the row's own headers
+/// in key order (jsonb keeps no other); row headers cannot override the
+/// engine's four. The id and the position are formatted on the stack.
 pub fn for_each_header(
     event: &OutboxEvent,
     mut f: impl FnMut(&str, &[u8]),
@@ -65,6 +68,8 @@ pub fn for_each_header(
     );
     f(HEADER_EVENT_TYPE, event.event_type.as_bytes());
     f(HEADER_AGGREGATE_TYPE, event.aggregate_type.as_bytes());
+    let mut position = itoa::Buffer::new();
+    f(HEADER_POSITION, position.format(event.position).as_bytes());
     if let Some(raw) = &event.headers {
         let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(raw)
             .map_err(|e| SinkError::Permanent(format!("headers are not a JSON object: {e}")))?;
@@ -76,7 +81,7 @@ pub fn for_each_header(
             };
             if !matches!(
                 k.as_str(),
-                HEADER_ID | HEADER_EVENT_TYPE | HEADER_AGGREGATE_TYPE
+                HEADER_ID | HEADER_EVENT_TYPE | HEADER_AGGREGATE_TYPE | HEADER_POSITION
             ) {
                 f(k, v.as_bytes());
             }
@@ -150,8 +155,10 @@ mod tests {
     #[test]
     fn headers_carry_id_type_and_row_headers() {
         let mut e = event();
-        e.headers =
-            Some(br#"{"traceparent": "00-abc-01", "id": "spoof", "tenant": "t1"}"#.to_vec());
+        e.headers = Some(
+            br#"{"traceparent": "00-abc-01", "id": "spoof", "position": "0", "tenant": "t1"}"#
+                .to_vec(),
+        );
         let h = headers(&e).unwrap();
         let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         assert_eq!(
@@ -160,6 +167,7 @@ mod tests {
                 ("id", "00000000-0000-0000-0000-000000000000"),
                 ("event_type", "OrderCreated"),
                 ("aggregate_type", "order"),
+                ("position", "1"),
                 ("tenant", "t1"),
                 ("traceparent", "00-abc-01"),
             ]
@@ -191,23 +199,26 @@ mod tests {
                     any::<String>(),
                     0..4,
                 )),
+                any::<i64>(),
             )
-                .prop_map(|(agg_type, agg_id, event_type, raw, topic, map)| {
-                    OutboxEvent {
-                        position: 1,
-                        id: Uuid::nil(),
-                        aggregate_type: agg_type,
-                        aggregate_id: agg_id,
-                        event_type,
-                        payload: b"{}".to_vec(),
-                        // Either arbitrary bytes or a valid object of strings.
-                        headers: map
-                            .map(|m| serde_json::to_vec(&m).unwrap_or_default())
-                            .or(raw),
-                        topic,
-                        created_at_ms: 0,
-                    }
-                })
+                .prop_map(
+                    |(agg_type, agg_id, event_type, raw, topic, map, position)| {
+                        OutboxEvent {
+                            position,
+                            id: Uuid::nil(),
+                            aggregate_type: agg_type,
+                            aggregate_id: agg_id,
+                            event_type,
+                            payload: b"{}".to_vec(),
+                            // Either arbitrary bytes or a valid object of strings.
+                            headers: map
+                                .map(|m| serde_json::to_vec(&m).unwrap_or_default())
+                                .or(raw),
+                            topic,
+                            created_at_ms: 0,
+                        }
+                    },
+                )
         }
 
         proptest! {
@@ -221,8 +232,10 @@ mod tests {
                 }
                 match headers(&event) {
                     Ok(h) => {
-                        prop_assert!(h.len() >= 3);
+                        prop_assert!(h.len() >= 4);
                         prop_assert_eq!(h[0].0.as_str(), HEADER_ID);
+                        prop_assert_eq!(h[3].0.as_str(), HEADER_POSITION);
+                        prop_assert_eq!(h[3].1.parse::<i64>().ok(), Some(event.position));
                     }
                     Err(e) => prop_assert!(!e.is_retriable()),
                 }
@@ -233,8 +246,8 @@ mod tests {
                 let mut e = event();
                 e.headers = Some(serde_json::to_vec(&map).unwrap());
                 let h = headers(&e).unwrap();
-                let reserved = map.keys().filter(|k| matches!(k.as_str(), HEADER_ID | HEADER_EVENT_TYPE | HEADER_AGGREGATE_TYPE)).count();
-                prop_assert_eq!(h.len(), 3 + map.len() - reserved);
+                let reserved = map.keys().filter(|k| matches!(k.as_str(), HEADER_ID | HEADER_EVENT_TYPE | HEADER_AGGREGATE_TYPE | HEADER_POSITION)).count();
+                prop_assert_eq!(h.len(), 4 + map.len() - reserved);
             }
 
             #[test]

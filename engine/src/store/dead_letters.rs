@@ -7,6 +7,8 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use crate::error::StoreError;
+use crate::event::{JsonBytes, OutboxEvent};
+use crate::relay::{Ack, Claim, DeadLetters, Parked};
 use crate::store::Names;
 
 /// One parked event, as `outbox dlq list` shows it.
@@ -107,4 +109,85 @@ pub async fn drop(pool: &PgPool, names: &Names, which: Selection) -> Result<u64,
         }
     };
     Ok(done.rows_affected())
+}
+
+/// The dead letters of one schema as the relay's [`DeadLetters`] port.
+pub struct PgDeadLetters {
+    pool: PgPool,
+    park: String,
+}
+
+impl PgDeadLetters {
+    pub fn new(pool: PgPool, names: &Names) -> Self {
+        let leases = names.table("outbox_leases");
+        let dead = names.table("outbox_dead_letters");
+        // Fenced like an acknowledgement: a stale owner parks nothing.
+        let park = format!(
+            "with fence as (
+                select 1 from {leases}
+                 where partition = $1 and epoch = $2 and incarnation = $3
+                 for share
+             ), parked as (
+                insert into {dead} (event_id, partition, position, aggregate_type, aggregate_id,
+                    event_type, payload, headers, topic, created_at, error, attempts,
+                    first_failed_at, parked_by)
+                select $4, $1, $5, $6, $7, $8, $9, $10, $11, to_timestamp($12 / 1000.0),
+                       $13, $14, to_timestamp($15), $16
+                 where exists (select 1 from fence)
+                on conflict (event_id) do update
+                   set error = excluded.error, attempts = excluded.attempts,
+                       position = excluded.position, parked_at = now(),
+                       parked_by = excluded.parked_by
+                returning 1
+             )
+             select (select count(*) from fence), (select count(*) from parked)"
+        );
+        Self { pool, park }
+    }
+}
+
+impl DeadLetters for PgDeadLetters {
+    async fn park(
+        &self,
+        claim: &Claim,
+        event: &OutboxEvent,
+        parked: &Parked,
+    ) -> Result<Ack, StoreError> {
+        let first_failed = parked
+            .first_failed_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let row = sqlx::query(&self.park)
+            .bind(claim.partition as i32)
+            .bind(claim.epoch)
+            .bind(claim.incarnation)
+            .bind(event.id)
+            .bind(event.position)
+            .bind(&event.aggregate_type)
+            .bind(&event.aggregate_id)
+            .bind(&event.event_type)
+            .bind(JsonBytes(event.payload.clone()))
+            .bind(event.headers.clone().map(JsonBytes))
+            .bind(&event.topic)
+            .bind(event.created_at_ms as f64)
+            .bind(&parked.error)
+            .bind(parked.attempts as i32)
+            .bind(first_failed)
+            .bind(&parked.node_id)
+            .fetch_one(&self.pool)
+            .await?;
+        let held: i64 = row.try_get(0)?;
+        let stored: i64 = row.try_get(1)?;
+        Ok(match (held, stored) {
+            (0, _) => Ack::Fenced,
+            (_, 0) => {
+                return Err(StoreError::Schema(format!(
+                    "event {} was not stored in the dead letters",
+                    event.id
+                )))
+            }
+            _ => Ack::Done,
+        })
+    }
 }

@@ -6,9 +6,9 @@ use std::time::Duration;
 use sqlx::postgres::PgPool;
 use sqlx::Row;
 
-use crate::cluster::{LeaseStore, LeaseView, Member, Registration};
+use crate::cluster::{Acquired, LeaseStore, LeaseView, Member, Registration};
 use crate::error::StoreError;
-use crate::relay::Claim;
+use crate::relay::{Claim, Mode};
 use crate::store::Names;
 
 struct Sql {
@@ -21,6 +21,7 @@ struct Sql {
     renew: String,
     release: String,
     deregister: String,
+    slot_owner: String,
 }
 
 pub struct PgLeaseStore {
@@ -55,31 +56,59 @@ impl PgLeaseStore {
                 "select node_id from {nodes} where expires_at > now() order by node_id"
             ),
             leases: format!(
-                "select partition, case when expires_at > now() then owner end
+                "select partition, case when expires_at > now() then owner end, mode
                  from {leases} order by partition"
             ),
+            // Until when the previous owner's messages may land: the quiet
+            // time it left at release, or, if its lease expired, the expiry
+            // plus its delivery timeout plus a margin. The row lock of the
+            // first CTE makes concurrent acquirers queue; the second sees
+            // the lease taken and updates nothing.
             acquire: format!(
-                "update {leases}
-                    set owner = $2, incarnation = $3, epoch = epoch + 1,
-                        expires_at = now() + $4 * interval '1 millisecond', acquired_at = now()
-                  where partition = $1
-                    and (owner is null or expires_at is null or expires_at <= now())
-                 returning epoch"
+                "with prev as (
+                    select partition,
+                           case when owner is null then coalesce(quiet_until, now())
+                                else expires_at + (delivery_ms + $6) * interval '1 millisecond'
+                           end as quiet_until
+                      from {leases}
+                     where partition = $1
+                       and (owner is null or expires_at is null or expires_at <= now())
+                     for update
+                 )
+                 update {leases} l
+                    set owner = $2, incarnation = $3, epoch = l.epoch + 1,
+                        expires_at = now() + $4 * interval '1 millisecond', acquired_at = now(),
+                        delivery_ms = $5, quiet_until = null
+                   from prev
+                  where l.partition = prev.partition
+                 returning l.epoch,
+                           greatest(extract(epoch from prev.quiet_until - now()) * 1000, 0)::float8,
+                           l.mode"
             ),
             renew: format!(
                 "update {leases} set expires_at = now() + $3 * interval '1 millisecond'
                   where partition = any($1) and incarnation = $2
-                 returning partition, epoch"
+                 returning partition, epoch, mode"
             ),
             release: format!(
-                "update {leases} set owner = null, expires_at = null
+                "update {leases} set owner = null, expires_at = null,
+                        quiet_until = now() + $4 * interval '1 millisecond'
                   where partition = $1 and epoch = $2 and incarnation = $3"
             ),
             deregister: format!("delete from {nodes} where node_id = $1 and incarnation = $2"),
+            slot_owner: format!(
+                "select case when expires_at > now() then owner end from {cdc}",
+                cdc = names.table("outbox_cdc")
+            ),
         };
         Self { pool, sql }
     }
 }
+
+/// Added to a previous owner's delivery timeout before a takeover sends:
+/// librdkafka scans for timed-out messages about once a second, and a
+/// request on the wire needs a moment to land or die.
+pub const TAKEOVER_MARGIN: Duration = Duration::from_secs(2);
 
 fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -132,6 +161,7 @@ impl LeaseStore for PgLeaseStore {
                 Ok(LeaseView {
                     partition: r.try_get::<i32, _>(0)? as u32,
                     owner: r.try_get(1)?,
+                    mode: Mode::from_db(r.try_get::<Option<&str>, _>(2)?)?,
                 })
             })
             .collect()
@@ -142,22 +172,29 @@ impl LeaseStore for PgLeaseStore {
         member: &Member,
         partition: u32,
         ttl: Duration,
-    ) -> Result<Option<Claim>, StoreError> {
+        delivery_timeout: Duration,
+    ) -> Result<Option<Acquired>, StoreError> {
         let row = sqlx::query(&self.sql.acquire)
             .bind(partition as i32)
             .bind(&member.node_id)
             .bind(member.incarnation)
             .bind(millis(ttl))
+            .bind(delivery_timeout.as_millis() as i64)
+            .bind(TAKEOVER_MARGIN.as_millis() as i64)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(match row {
-            Some(r) => Some(Claim {
+        let Some(r) = row else { return Ok(None) };
+        let quiet_ms: f64 = r.try_get(1)?;
+        Ok(Some(Acquired {
+            claim: Claim {
                 partition,
                 epoch: r.try_get(0)?,
                 incarnation: member.incarnation,
-            }),
-            None => None,
-        })
+                mode: Mode::from_db(r.try_get::<Option<&str>, _>(2)?)?,
+            },
+            ttl,
+            quiet_for: Duration::from_secs_f64(quiet_ms.max(0.0) / 1000.0),
+        }))
     }
 
     async fn renew(
@@ -182,19 +219,28 @@ impl LeaseStore for PgLeaseStore {
                     partition: r.try_get::<i32, _>(0)? as u32,
                     epoch: r.try_get(1)?,
                     incarnation: member.incarnation,
+                    mode: Mode::from_db(r.try_get::<Option<&str>, _>(2)?)?,
                 })
             })
             .collect()
     }
 
-    async fn release(&self, claim: &Claim) -> Result<(), StoreError> {
+    async fn release(&self, claim: &Claim, quiet: Duration) -> Result<(), StoreError> {
         sqlx::query(&self.sql.release)
             .bind(claim.partition as i32)
             .bind(claim.epoch)
             .bind(claim.incarnation)
+            .bind(millis(quiet))
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn slot_owner(&self) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query(&self.sql.slot_owner)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?.flatten())
     }
 
     async fn deregister(&self, member: &Member) -> Result<(), StoreError> {

@@ -2,8 +2,9 @@
 //! applied idempotently by `outbox migrate`.
 //!
 //! Layout, all in one schema:
-//! - `outbox`: the table applications insert into, hash-partitioned by
-//!   `aggregate_id` into `outbox_p0 .. outbox_p{N-1}`;
+//! - `outbox`: the table applications insert into, in ring segments
+//!   `outbox_r0 ..` by position, each row with its shard (a hash of
+//!   `aggregate_id`, one of N) and the id of the transaction that wrote it;
 //! - `outbox_meta`: the partition count and schema version;
 //! - `outbox_leases`: one row per partition: owner, epoch (fencing token), expiry;
 //! - `outbox_nodes`: live engine nodes and their heartbeats.
@@ -22,7 +23,17 @@ use crate::error::StoreError;
 /// - 3: the headers check is a jsonpath expression instead of a SQL function
 ///   (the function was planned again for every insert statement and was the
 ///   largest single cost of inserting an event with headers).
-pub const SCHEMA_VERSION: i32 = 3;
+/// - 4: `outbox_leases.delivery_ms` and `quiet_until`: how long a lease's
+///   messages may still land after it ends, which a new owner waits out.
+/// - 5: no delete per published event. One outbox table in ring segments
+///   by position, a stored `shard` and the writing `txid` per row, progress
+///   as a snapshot mark per shard in `outbox_leases`, segments truncated
+///   once published, the `outbox_pending` view.
+/// - 6: change data capture. Per partition its relay mode (`poll`, `cdc`,
+///   or not chosen yet) and, for CDC, the last published (commit LSN,
+///   ordinal) and whether it streams or must first catch up from the
+///   table; `outbox_cdc`, the slot lease.
+pub const SCHEMA_VERSION: i32 = 6;
 
 /// Most partitions an outbox may have.
 pub const MAX_PARTITIONS: u32 = 1024;
@@ -35,14 +46,64 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: u32 = 1024 * 1024;
 const HEADERS_CHECK: &str = "headers is null or (jsonb_typeof(headers) = 'object' \
      and not jsonb_path_exists(headers, '$.* ? (@.type() != \"string\")'))";
 
-/// Name of a partition's table, unqualified.
-pub fn partition_table(partition: u32) -> String {
-    format!("outbox_p{partition}")
+/// Segments of the ring the outbox rotates through.
+pub const RING_SEGMENTS: u32 = 8;
+/// A segment holds `2^RING_SHIFT` consecutive positions (262,144) before
+/// the next one takes over: with 8 segments the ring spans about 2.1
+/// million positions, and a busy outbox keeps about two segments on disk.
+pub const RING_SHIFT: u32 = 18;
+
+/// Name of a ring segment's table, unqualified.
+pub fn segment_table(segment: u32) -> String {
+    format!("outbox_r{segment}")
 }
 
-/// The statements that create the layout, each idempotent.
-pub fn ddl(schema: &str, partitions: u32, max_payload_bytes: u32) -> Vec<String> {
+/// The ring segment a position is inserted into.
+pub fn segment_of(position: i64) -> u32 {
+    segment_of_with(position, RING_SHIFT)
+}
+
+/// [`segment_of`] for a ring of `2^shift` positions per segment.
+pub fn segment_of_with(position: i64, shift: u32) -> u32 {
+    ((position >> shift) & (RING_SEGMENTS as i64 - 1)) as u32
+}
+
+/// The columns of the outbox (without the partitioning clause); `shards`
+/// is baked into the generated `shard` column.
+fn outbox_columns(s: &str, shards: u32, max_payload_bytes: u32) -> String {
+    format!(
+        "position bigint not null default nextval('{s}.outbox_position_seq'),
+         id uuid not null default gen_random_uuid(),
+         aggregate_type text not null
+             constraint outbox_aggregate_type_not_empty check (aggregate_type <> ''),
+         aggregate_id text not null
+             constraint outbox_aggregate_id_not_empty check (aggregate_id <> ''),
+         event_type text not null,
+         payload jsonb not null
+             constraint outbox_payload_size check (pg_column_size(payload) <= {max_payload_bytes}),
+         headers jsonb
+             constraint outbox_headers_object_of_strings check ({HEADERS_CHECK}),
+         topic text,
+         created_at timestamptz not null default now(),
+         shard int not null generated always as
+             (((hashtextextended(aggregate_id, 0) & 9223372036854775807) % {shards})::int) stored,
+         txid xid8 not null default pg_current_xact_id()"
+    )
+}
+
+/// The statements that create the layout, each idempotent; an outbox of a
+/// version before 5 (hash partitions, rows deleted once published) is
+/// converted in place, its pending rows copied in position order.
+///
+/// Layout (version 5): `outbox` is one table, list-partitioned into ring
+/// segments by position (`outbox_r0 ..`); a statement of consecutive
+/// positions touches one segment, so an insert pays what a plain table
+/// costs. The unit of ownership and order is the *shard*, a stored hash of
+/// `aggregate_id`; each row carries the id of the transaction that wrote it
+/// (`txid`), which the relay reads by snapshot difference.
+pub fn ddl(schema: &str, partitions: u32, max_payload_bytes: u32, ring_shift: u32) -> Vec<String> {
     let s = schema;
+    let columns = outbox_columns(s, partitions, max_payload_bytes);
     let mut stmts = vec![
         format!("create schema if not exists {s}"),
         format!(
@@ -54,62 +115,50 @@ pub fn ddl(schema: &str, partitions: u32, max_payload_bytes: u32) -> Vec<String>
         // No cache: positions must follow the order in which writers that
         // are serialized (by a lock on their aggregate) took them.
         format!("create sequence if not exists {s}.outbox_position_seq as bigint"),
+        // Before version 5 the outbox was hash-partitioned by aggregate_id
+        // and published rows were deleted: keep what is pending aside.
+        // Nodes of the old version would go on sending (and owning
+        // partitions whose aggregates now map to other shards): refuse.
         format!(
-            "create table if not exists {s}.outbox (
-                position bigint not null default nextval('{s}.outbox_position_seq'),
-                id uuid not null default gen_random_uuid(),
-                aggregate_type text not null
-                    constraint outbox_aggregate_type_not_empty check (aggregate_type <> ''),
-                aggregate_id text not null
-                    constraint outbox_aggregate_id_not_empty check (aggregate_id <> ''),
-                event_type text not null,
-                payload jsonb not null
-                    constraint outbox_payload_size check (pg_column_size(payload) <= {max_payload_bytes}),
-                headers jsonb
-                    constraint outbox_headers_object_of_strings check ({HEADERS_CHECK}),
-                topic text,
-                created_at timestamptz not null default now()
-            ) partition by hash (aggregate_id)"
+            "do $$ declare live bigint := 0; begin
+                if exists (select 1 from pg_partitioned_table
+                            where partrelid = to_regclass('{s}.outbox') and partstrat = 'h')
+                   and to_regclass('{s}.outbox_nodes') is not null then
+                    execute 'select count(*) from {s}.outbox_nodes where expires_at > now()' into live;
+                    if live > 0 then
+                        raise exception 'engine nodes are running on schema {s}: stop every node before upgrading the outbox to schema version 5 (see outbox status)';
+                    end if;
+                end if;
+                if exists (select 1 from pg_partitioned_table
+                            where partrelid = to_regclass('{s}.outbox') and partstrat = 'h') then
+                    alter table {s}.outbox rename to outbox_legacy;
+                    alter index if exists {s}.outbox_position_idx rename to outbox_legacy_position_idx;
+                end if;
+             end $$"
+        ),
+        format!(
+            "create table if not exists {s}.outbox ({columns})
+             partition by list (((position >> {ring_shift}) & {mask}))",
+            mask = RING_SEGMENTS - 1
         ),
     ];
-    for p in 0..partitions {
-        let t = partition_table(p);
-        // The relay deletes what it published and vacuums the partition
-        // itself; autovacuum settings are a backstop that does not wait for
-        // a fraction of the table to be dead.
+    for seg in 0..RING_SEGMENTS {
+        let t = segment_table(seg);
         stmts.push(format!(
-            "create table if not exists {s}.{t} partition of {s}.outbox
-                for values with (modulus {partitions}, remainder {p})
-                with (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
-                      autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_cost_delay = 0)"
+            "create table if not exists {s}.{t} partition of {s}.outbox for values in ({seg})"
         ));
     }
     stmts.extend([
-        // Before version 3 the headers check called a SQL function.
+        // Serves every read of the relay: a window's transactions by txid
+        // range or list, and a chunk of a big window as one index range per
+        // transaction (`txid = t and (position, id) between` two keys). It
+        // replaces the `(shard, txid)` index of the first version 5 (one
+        // index, not two, on the insert path).
         format!(
-            "do $$ begin
-                if not exists (select 1 from pg_constraint
-                                where conname = 'outbox_headers_object_of_strings'
-                                  and conrelid = '{s}.outbox'::regclass
-                                  and pg_get_constraintdef(oid) like '%jsonb_path_exists%') then
-                    alter table {s}.outbox drop constraint if exists outbox_headers_object_of_strings;
-                    alter table {s}.outbox add constraint outbox_headers_object_of_strings
-                        check ({HEADERS_CHECK});
-                end if;
-             end $$"
+            "create index if not exists outbox_shard_txid_position_idx
+                on {s}.outbox (shard, txid, position, id)"
         ),
-        format!("drop function if exists {s}.outbox_headers_valid(jsonb)"),
-        // Version 1 outboxes were created without the payload limit.
-        format!(
-            "do $$ begin
-                if not exists (select 1 from pg_constraint
-                                where conname = 'outbox_payload_size' and conrelid = '{s}.outbox'::regclass) then
-                    alter table {s}.outbox add constraint outbox_payload_size
-                        check (pg_column_size(payload) <= {max_payload_bytes});
-                end if;
-             end $$"
-        ),
-        format!("create index if not exists outbox_position_idx on {s}.outbox (position)"),
+        format!("drop index if exists {s}.outbox_shard_txid_idx"),
         format!(
             "create table if not exists {s}.outbox_leases (
                 partition int primary key,
@@ -124,10 +173,85 @@ pub fn ddl(schema: &str, partitions: u32, max_payload_bytes: u32) -> Vec<String>
         format!(
             "alter table {s}.outbox_leases add column if not exists published bigint not null default 0"
         ),
+        // Owners from before version 4 sent with a 30 s message timeout.
+        format!(
+            "alter table {s}.outbox_leases
+                add column if not exists delivery_ms bigint not null default 30000,
+                add column if not exists quiet_until timestamptz"
+        ),
+        // The shard's progress: everything visible in `mark_lo` is
+        // published, and of what `mark_hi` adds to it, everything up to
+        // (`mark_pos`, `mark_id`). '1:1:' sees nothing.
+        format!(
+            "alter table {s}.outbox_leases
+                add column if not exists mark_lo pg_snapshot not null default '1:1:',
+                add column if not exists mark_hi pg_snapshot,
+                add column if not exists mark_pos bigint,
+                add column if not exists mark_id uuid"
+        ),
+        // The relay mode of the partition (null: not chosen yet; the first
+        // node sets it from `source.kind`). Under CDC, the last event
+        // published as (commit LSN, ordinal in its transaction), and whether
+        // the partition streams (false: it first catches up from the table,
+        // after a switch to CDC or a lost slot).
+        format!(
+            "alter table {s}.outbox_leases
+                add column if not exists mode text
+                    constraint outbox_leases_mode check (mode in ('poll', 'cdc')),
+                add column if not exists cdc_lsn pg_lsn,
+                add column if not exists cdc_ord int,
+                add column if not exists cdc_streaming boolean not null default false"
+        ),
+        // The lease on the replication slot: one reader at a time, fenced
+        // by its epoch like the partitions' leases.
+        format!(
+            "create table if not exists {s}.outbox_cdc (
+                id int primary key default 1 constraint outbox_cdc_one_row check (id = 1),
+                owner text,
+                incarnation uuid,
+                epoch bigint not null default 0,
+                expires_at timestamptz,
+                acquired_at timestamptz,
+                slot text,
+                publication text,
+                recoveries bigint not null default 0
+            )"
+        ),
+        format!("insert into {s}.outbox_cdc (id) values (1) on conflict do nothing"),
         format!(
             "insert into {s}.outbox_leases (partition)
              select generate_series(0, {last}) on conflict do nothing",
             last = partitions as i64 - 1
+        ),
+        // Pending rows of a pre-5 outbox, in their order, then its tables
+        // go; every shard starts from a mark that has seen nothing.
+        format!(
+            "do $$ begin
+                if to_regclass('{s}.outbox_legacy') is not null then
+                    insert into {s}.outbox (position, id, aggregate_type, aggregate_id, event_type,
+                                            payload, headers, topic, created_at)
+                    select position, id, aggregate_type, aggregate_id, event_type,
+                           payload, headers, topic, created_at
+                      from {s}.outbox_legacy order by position;
+                    drop table {s}.outbox_legacy cascade;
+                    -- Aggregates move to other shards: every new owner waits
+                    -- out the longest any old owner's messages may land.
+                    update {s}.outbox_leases
+                       set mark_lo = '1:1:', mark_hi = null, mark_pos = null, mark_id = null,
+                           owner = null, expires_at = null, epoch = epoch + 1,
+                           quiet_until = (select max(coalesce(expires_at, now())
+                                                     + (delivery_ms + 2000) * interval '1 millisecond')
+                                            from {s}.outbox_leases);
+                end if;
+             end $$"
+        ),
+        // What is not published yet, for operators, status and tests.
+        format!(
+            "create or replace view {s}.outbox_pending as
+             select o.*
+               from {s}.outbox_leases l
+              cross join lateral {pending} o",
+            pending = crate::store::source::pending_rows(&format!("{s}.outbox"), "l", "o.*")
         ),
         format!(
             "create table if not exists {s}.outbox_dead_letters (
@@ -176,6 +300,9 @@ pub struct MigrateOptions {
     pub partitions: u32,
     /// `None`: keep the current limit (the default for a new schema).
     pub max_payload_bytes: Option<u32>,
+    /// Positions per ring segment, as a power of two, for a new outbox
+    /// (`None`: [`RING_SHIFT`]); an existing ring keeps its own.
+    pub ring_shift: Option<u32>,
 }
 
 impl MigrateOptions {
@@ -183,6 +310,7 @@ impl MigrateOptions {
         Self {
             partitions,
             max_payload_bytes: None,
+            ring_shift: None,
         }
     }
 }
@@ -232,20 +360,34 @@ pub async fn migrate(
             return Ok(outcome);
         }
     }
-    let max_payload = options
-        .max_payload_bytes
-        .unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES);
-    for stmt in ddl(schema, partitions, max_payload) {
+    let recorded = |v: Option<String>| v.and_then(|v| v.parse::<u32>().ok());
+    let max_payload = match options.max_payload_bytes {
+        Some(max) => max,
+        None => recorded(read_meta(&mut tx, schema, "max_payload_bytes").await?)
+            .unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
+    };
+    let ring_shift = match recorded(read_meta(&mut tx, schema, "ring_shift").await?) {
+        Some(shift) => shift,
+        None => options.ring_shift.unwrap_or(RING_SHIFT),
+    };
+    if !(4..=40).contains(&ring_shift) {
+        return Err(StoreError::Schema(format!(
+            "the ring segment size must be 2^4 to 2^40 positions, got 2^{ring_shift}"
+        )));
+    }
+    for stmt in ddl(schema, partitions, max_payload, ring_shift) {
         sqlx::query(&stmt).execute(&mut *tx).await?;
     }
     sqlx::query(&format!(
         "insert into {schema}.outbox_meta (key, value)
-         values ('partitions', $1), ('schema_version', $2), ('max_payload_bytes', $3)
+         values ('partitions', $1), ('schema_version', $2), ('max_payload_bytes', $3),
+                ('ring_shift', $4)
          on conflict (key) do update set value = excluded.value"
     ))
     .bind(partitions.to_string())
     .bind(SCHEMA_VERSION.to_string())
     .bind(max_payload.to_string())
+    .bind(ring_shift.to_string())
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -322,14 +464,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ddl_has_one_table_per_partition() {
-        let stmts = ddl("app", 4, 1000);
-        let parts: Vec<_> = stmts
+    fn ddl_has_the_ring_and_bakes_the_shard_count_in() {
+        let stmts = ddl("app", 4, 1000, RING_SHIFT);
+        let segments: Vec<_> = stmts
             .iter()
             .filter(|s| s.contains("partition of app.outbox"))
             .collect();
-        assert_eq!(parts.len(), 4);
-        assert!(parts[3].contains("modulus 4, remainder 3"));
+        assert_eq!(segments.len(), RING_SEGMENTS as usize);
+        assert!(stmts.iter().any(|s| s.contains("% 4)::int) stored")));
         assert!(stmts.iter().all(|s| !s.contains("public.")));
+    }
+
+    #[test]
+    fn consecutive_positions_share_a_segment_and_the_ring_wraps() {
+        assert_eq!(segment_of(1), 0);
+        assert_eq!(segment_of((1 << RING_SHIFT) - 1), 0);
+        assert_eq!(segment_of(1 << RING_SHIFT), 1);
+        assert_eq!(segment_of((RING_SEGMENTS as i64) << RING_SHIFT), 0);
     }
 }
