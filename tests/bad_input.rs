@@ -2,11 +2,9 @@
 //! the schema with a message naming the rule, and secrets given to the
 //! engine never reach its output.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use outbox_harness::*;
 
 /// Inserts one row; returns the database's error message, if refused.
 async fn refused(db: &TestDb, columns: &str, values: &str) -> Option<String> {
@@ -63,22 +61,14 @@ async fn rows_that_break_the_contract_are_refused_with_the_rule_named() {
     );
 
     // A payload limit set at migrate time.
-    let out = outbox_command(&db)
-        .args([
-            "migrate",
-            "--partitions",
-            "2",
-            "--max-payload-bytes",
-            "1000",
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let migrate = [
+        "migrate",
+        "--partitions",
+        "2",
+        "--max-payload-bytes",
+        "1000",
+    ];
+    succeed(outbox_command(&db).args(migrate), "migrate").await;
     let big = format!(
         "'order', '1', 'E', '{{\"pad\": \"{}\"}}', null",
         "x".repeat(2000)
@@ -120,23 +110,10 @@ async fn secrets_never_reach_the_output() {
     )
     .unwrap();
 
-    let out = outbox_command(&db)
-        .env("DATABASE_URL", &url)
-        .args([
-            "check-config",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--node-id",
-            "s1",
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut check = outbox_command(&db);
+    check.env("DATABASE_URL", &url).arg("check-config");
+    check.arg("--config").arg(&cfg).args(["--node-id", "s1"]);
+    let out = succeed(&mut check, "check-config").await;
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(
         shown.contains("sasl.password") && shown.contains("****"),

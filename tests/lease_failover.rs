@@ -2,11 +2,11 @@
 //! takeover after `kill -9`, scaling 1 -> 3 -> 1 under load, and fencing of
 //! a node that was paused past its lease.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use outbox_harness::ordering::tally;
+use outbox_harness::status::status_at;
+use outbox_harness::*;
 use tokio_util::sync::CancellationToken;
 
 const PARTITIONS: u32 = 12;
@@ -16,22 +16,11 @@ const INFLIGHT: usize = 2;
 /// Consumes everything written and checks: nothing lost, first deliveries
 /// in order per aggregate, duplicates within `dup_bound`.
 async fn verify(prefix: &str, committed: &[uuid::Uuid], dup_bound: usize) {
-    let got = consume(
-        &[format!("{prefix}order")],
-        committed.len(),
-        Duration::from_secs(90),
-        Duration::from_secs(2),
-    )
-    .await;
-    let (lost, dups) = lost_and_duplicates(committed, &got);
-    eprintln!(
-        "committed {} received {} lost {lost} duplicates {dups}",
-        committed.len(),
-        got.len()
-    );
-    assert_eq!(lost, 0, "events lost");
-    assert!(dups <= dup_bound, "{dups} duplicates exceed {dup_bound}");
-    assert_eq!(order_violations(&got), 0, "first deliveries out of order");
+    let topics = [format!("{prefix}order")];
+    let wait = Duration::from_secs(90);
+    let t = tally(&brokers(), &topics, committed, wait, Duration::from_secs(2)).await;
+    eprintln!("{t}");
+    t.assert_delivered("committed under load", dup_bound);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,22 +47,21 @@ async fn three_nodes_spread_partitions_evenly() {
     );
 
     // `status --json` agrees.
-    let out = outbox_command(&db)
-        .args(["status", "--json"])
-        .output()
-        .await
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let nodes_json = v["nodes"].as_array().unwrap();
-    assert_eq!(nodes_json.len(), 3);
+    let status = status_at(&db.url).await.expect("status --json");
+    assert_eq!(status.nodes.len(), 3);
     assert!(
-        nodes_json.iter().all(|n| n["partitions"] == 4),
-        "{nodes_json:?}"
+        status.nodes.iter().all(|n| n.partitions == 4),
+        "{:?}",
+        status.nodes
     );
-    let parts = v["partitions"].as_array().unwrap();
-    assert!(parts
-        .iter()
-        .all(|p| p["owner"].is_string() && p["epoch"].as_i64() >= Some(1)));
+    assert!(
+        status
+            .partitions
+            .iter()
+            .all(|p| p.owner.is_some() && p.epoch >= 1),
+        "{:?}",
+        status.partitions
+    );
 
     for n in &nodes {
         send_signal(n, "TERM");
@@ -173,38 +161,30 @@ async fn cluster_scales_1_to_3_to_1_under_load() {
     db.drop_db().await;
 }
 
-/// Records every outbox row deleted by a node that did not own the row's
-/// partition at that moment. The relay's delete reads the lease row `for
-/// share`, so the lease seen here is the one the delete was checked against.
+/// Records every progress mark written by a node that did not own the
+/// partition at that moment. The relay's acknowledgement updates the lease
+/// row itself, so the owner seen here is the one it was checked against.
 const AUDIT: &str = "
 create table fencing_violations (deleter text, partition int, owner text, at timestamptz default clock_timestamp());
-create function audit_outbox_delete() returns trigger language plpgsql as $$
-declare
-    p int := substring(tg_table_name from 'outbox_p([0-9]+)')::int;
-    o text;
+create function audit_outbox_mark() returns trigger language plpgsql as $$
 begin
-    select owner into o from outbox_leases where partition = p;
-    if current_setting('application_name') is distinct from 'outbox/' || o then
+    if current_setting('application_name') is distinct from 'outbox/' || old.owner then
         insert into fencing_violations (deleter, partition, owner)
-        values (current_setting('application_name'), p, o);
+        values (current_setting('application_name'), old.partition, old.owner);
     end if;
-    return old;
+    return new;
 end $$;
+create trigger audit_mark before update on outbox_leases
+    for each row when (old.mark_hi::text is distinct from new.mark_hi::text
+                       or old.mark_pos is distinct from new.mark_pos
+                       or old.mark_lo::text is distinct from new.mark_lo::text)
+    execute function audit_outbox_mark();
 ";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_node_is_fenced_after_its_leases_move() {
     let db = TestDb::new(4).await;
     sqlx::raw_sql(AUDIT).execute(&db.pool).await.unwrap();
-    for p in 0..4 {
-        sqlx::raw_sql(&format!(
-            "create trigger audit_delete before delete on outbox_p{p}
-             for each row execute function audit_outbox_delete()"
-        ))
-        .execute(&db.pool)
-        .await
-        .unwrap();
-    }
     let prefix = unique_prefix();
     let mut a = node_command(&db, "a", &prefix).spawn().unwrap();
     wait_for_owners(&db, &[("a", 4)], Duration::from_secs(20)).await;
@@ -258,7 +238,7 @@ async fn a_paused_node_is_fenced_after_its_leases_move() {
             .unwrap();
     assert!(
         violations.is_empty(),
-        "deletes by a node that did not own the partition: {violations:?}"
+        "progress marked by a node that did not own the partition: {violations:?}"
     );
     for n in [&mut a, &mut b] {
         send_signal(n, "TERM");

@@ -2,19 +2,39 @@
 //! PostgreSQL, step by step (no timing races): a stale owner's
 //! acknowledgement is refused and removes nothing.
 
-mod support;
-
 use std::time::Duration;
 
 use outbox_engine::cluster::{LeaseStore, Member, Registration};
-use outbox_engine::relay::{Ack, EventSource};
-use outbox_engine::store::leases::PgLeaseStore;
+use outbox_engine::event::OutboxEvent;
+use outbox_engine::relay::{Ack, Claim, ClaimReader, EventSource, Read};
+use outbox_engine::store::leases::{PgLeaseStore, TAKEOVER_MARGIN};
 use outbox_engine::store::source::PgSource;
 use outbox_engine::store::Names;
-use support::*;
+use outbox_harness::*;
 use uuid::Uuid;
 
 const TTL: Duration = Duration::from_secs(30);
+/// The delivery timeout the test owners claim to send with.
+const DELIVERY: Duration = Duration::from_secs(4);
+
+async fn take(leases: &PgLeaseStore, m: &Member) -> Option<Claim> {
+    leases
+        .acquire(m, 0, TTL, DELIVERY)
+        .await
+        .unwrap()
+        .map(|a| a.claim)
+}
+
+fn events(read: Read) -> Vec<OutboxEvent> {
+    match read {
+        Read::Events { events, .. } => events,
+        Read::Fenced => panic!("unexpectedly fenced"),
+    }
+}
+
+fn positions(events: &[OutboxEvent]) -> Vec<i64> {
+    events.iter().map(|e| e.position).collect()
+}
 
 fn member(id: &str) -> Member {
     Member {
@@ -42,55 +62,32 @@ async fn one_partition() -> (TestDb, PgLeaseStore, PgSource) {
     (db, leases, source)
 }
 
-/// Inserts `count` events; `aggregate` and `payload` are SQL over `g`.
-async fn insert(db: &TestDb, count: i32, aggregate: &str, payload: &str) {
-    sqlx::query(&format!(
-        "insert into outbox (aggregate_type, aggregate_id, event_type, payload)
-         select 'order', {aggregate}, 'E', {payload} from generate_series(1, {count}) g"
-    ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
-}
-
 #[tokio::test]
 async fn a_stale_owner_cannot_acknowledge() {
     let (db, leases, source) = one_partition().await;
-    insert(&db, 10, "g::text", "'{}'").await;
+    db.insert_series(10, "g::text", "'{}'").await;
 
     let (a, b) = (member("a"), member("b"));
-    let old = leases
-        .acquire(&a, 0, TTL)
-        .await
-        .unwrap()
-        .expect("a takes the free lease");
+    let old = take(&leases, &a).await.expect("a takes the free lease");
     assert_eq!(old.epoch, 1);
-    assert!(
-        leases.acquire(&b, 0, TTL).await.unwrap().is_none(),
-        "a live lease was taken"
-    );
-    let batch = source.fetch(&old, 100, &[]).await.unwrap();
+    assert!(take(&leases, &b).await.is_none(), "a live lease was taken");
+    let mut stale = source.open(&old);
+    let batch = events(stale.fetch(100).await.unwrap());
     assert_eq!(batch.len(), 10);
-    let positions: Vec<i64> = batch.iter().map(|e| e.position).collect();
+    let all = positions(&batch);
 
     // a stalls past its lease; b takes over and publishes the first half.
     expire_lease(&db, 0).await;
-    let new = leases
-        .acquire(&b, 0, TTL)
-        .await
-        .unwrap()
-        .expect("b takes the expired lease");
+    let new = take(&leases, &b).await.expect("b takes the expired lease");
     assert_eq!(new.epoch, 2);
-    assert_eq!(
-        source.acknowledge(&new, &positions[..5]).await.unwrap(),
-        Ack::Done { removed: 5 }
-    );
+    let mut fresh = source.open(&new);
+    assert_eq!(events(fresh.fetch(5).await.unwrap()).len(), 5);
+    assert_eq!(fresh.acknowledge(5, None).await.unwrap().0, Ack::Done);
 
-    // a wakes and acknowledges its whole batch with the old epoch: refused.
-    assert_eq!(
-        source.acknowledge(&old, &positions).await.unwrap(),
-        Ack::Fenced
-    );
+    // a wakes and acknowledges its whole batch with the old epoch: refused,
+    // and its fetches are refused too.
+    assert_eq!(stale.acknowledge(10, None).await.unwrap().0, Ack::Fenced);
+    assert_eq!(stale.fetch(100).await.unwrap(), Read::Fenced);
     assert_eq!(
         db.pending().await,
         5,
@@ -98,7 +95,7 @@ async fn a_stale_owner_cannot_acknowledge() {
     );
     // Nor can it renew or release what it lost.
     assert!(leases.renew(&a, &[old], TTL).await.unwrap().is_empty());
-    leases.release(&old).await.unwrap();
+    leases.release(&old, Duration::ZERO).await.unwrap();
     let owner: Option<String> =
         sqlx::query_scalar("select owner from outbox_leases where partition = 0")
             .fetch_one(&db.pool)
@@ -111,34 +108,164 @@ async fn a_stale_owner_cannot_acknowledge() {
     );
 
     // The new owner goes on from where it acknowledged.
-    let rest = source.fetch(&new, 100, &[]).await.unwrap();
-    assert_eq!(
-        rest.iter().map(|e| e.position).collect::<Vec<_>>(),
-        positions[5..]
-    );
+    let rest = events(fresh.fetch(100).await.unwrap());
+    assert_eq!(positions(&rest), all[5..]);
     assert_eq!(leases.renew(&b, &[new], TTL).await.unwrap(), vec![new]);
     db.drop_db().await;
 }
 
 #[tokio::test]
-async fn fetch_leaves_out_what_is_in_flight_and_keeps_position_order() {
+async fn a_takeover_waits_out_the_previous_owners_deliveries() {
+    let (db, leases, _source) = one_partition().await;
+    let (a, b, c) = (member("a"), member("b"), member("c"));
+    let first = leases
+        .acquire(&a, 0, TTL, DELIVERY)
+        .await
+        .unwrap()
+        .expect("free lease");
+    assert_eq!(
+        first.quiet_for,
+        Duration::ZERO,
+        "a never-owned lease is quiet"
+    );
+    // a's lease expires without a release: b must wait until the expiry
+    // plus a's delivery timeout plus the margin.
+    expire_lease(&db, 0).await;
+    let second = leases
+        .acquire(&b, 0, TTL, Duration::from_secs(1))
+        .await
+        .unwrap()
+        .expect("expired lease");
+    let want = DELIVERY + TAKEOVER_MARGIN - Duration::from_secs(1);
+    assert!(
+        second.quiet_for <= want && second.quiet_for > want - Duration::from_millis(500),
+        "waits {:?}, want about {want:?}",
+        second.quiet_for
+    );
+    // b drained and released with nothing in flight: c may send at once.
+    leases.release(&second.claim, Duration::ZERO).await.unwrap();
+    let third = leases
+        .acquire(&c, 0, TTL, DELIVERY)
+        .await
+        .unwrap()
+        .expect("released lease");
+    assert!(
+        third.quiet_for < Duration::from_millis(100),
+        "{:?}",
+        third.quiet_for
+    );
+    // c abandons batches and releases with their delivery time left.
+    leases
+        .release(&third.claim, Duration::from_secs(3))
+        .await
+        .unwrap();
+    let fourth = leases
+        .acquire(&a, 0, TTL, DELIVERY)
+        .await
+        .unwrap()
+        .expect("released lease");
+    assert!(
+        fourth.quiet_for > Duration::from_millis(2_500)
+            && fourth.quiet_for <= Duration::from_secs(3),
+        "{:?}",
+        fourth.quiet_for
+    );
+    assert_eq!(fourth.claim.epoch, 4);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn fetch_continues_after_what_is_outstanding_and_keeps_position_order() {
     let (db, leases, source) = one_partition().await;
-    insert(&db, 9, "(g % 3)::text", "jsonb_build_object('g', g)").await;
-    let claim = leases.acquire(&member("a"), 0, TTL).await.unwrap().unwrap();
-    let first = source.fetch(&claim, 4, &[]).await.unwrap();
-    let in_flight: Vec<i64> = first.iter().map(|e| e.position).collect();
-    let second = source.fetch(&claim, 100, &in_flight).await.unwrap();
+    db.insert_series(9, "(g % 3)::text", "jsonb_build_object('g', g)")
+        .await;
+    let claim = take(&leases, &member("a")).await.unwrap();
+    let mut reader = source.open(&claim);
+    let first = events(reader.fetch(4).await.unwrap());
+    let second = events(reader.fetch(100).await.unwrap());
     assert_eq!(second.len(), 5);
-    assert!(second.iter().all(|e| !in_flight.contains(&e.position)));
     let all: Vec<i64> = first.iter().chain(&second).map(|e| e.position).collect();
     let mut sorted = all.clone();
     sorted.sort_unstable();
-    assert_eq!(all, sorted, "fetches are not in position order");
+    sorted.dedup();
+    assert_eq!(all, sorted, "fetches are not in position order or overlap");
     assert_eq!(
         first[0].payload,
         br#"{"g": 1}"#.to_vec(),
         "payload bytes are the JSON text"
     );
+    // A rewind hands everything unacknowledged out again.
+    reader.rewind();
+    assert_eq!(positions(&events(reader.fetch(100).await.unwrap())), all);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_big_window_is_read_by_keys_and_an_exact_window_takes_no_empty_read() {
+    let (db, leases, source) = one_partition().await;
+    // One transaction of 250 rows: a window of several batches, read by
+    // its keys; every acknowledgement after the first carries the next read.
+    db.insert_series(250, "(g % 7)::text", "jsonb_build_object('g', g)")
+        .await;
+    let claim = take(&leases, &member("a")).await.unwrap();
+    let mut reader = source.open(&claim);
+    let mut batch = events(reader.fetch(40).await.unwrap());
+    let mut all = Vec::new();
+    while !batch.is_empty() {
+        assert!(batch.len() <= 40, "a read of 40 returned {}", batch.len());
+        all.extend(positions(&batch));
+        let (ack, next) = reader.acknowledge(batch.len(), Some(40)).await.unwrap();
+        assert_eq!(ack, Ack::Done);
+        batch = events(next.expect("the acknowledgement carried a read"));
+    }
+    let mut sorted = all.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(all.len(), 250, "rows were lost or repeated");
+    assert_eq!(all, sorted, "reads are not in position order");
+    let pending: i64 = sqlx::query_scalar("select count(*) from outbox_pending")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0);
+    // The window was read to its end: the mark moved past all of it.
+    let whole: bool = sqlx::query_scalar("select mark_hi is null from outbox_leases")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(whole, "the mark stayed inside a window read to its end");
+    // A window of exactly the limit is read whole: the next read is the
+    // window after it, not an empty rest.
+    db.insert_series(40, "g::text", "'{}'").await;
+    assert_eq!(events(reader.fetch(40).await.unwrap()).len(), 40);
+    db.insert_series(3, "g::text", "'{}'").await;
+    assert_eq!(events(reader.fetch(40).await.unwrap()).len(), 3);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn rows_are_acknowledged_by_position_and_id() {
+    let (db, leases, source) = one_partition().await;
+    db.insert_series(3, "g::text", "'{}'").await;
+    let claim = take(&leases, &member("a")).await.unwrap();
+    let mut reader = source.open(&claim);
+    let batch = events(reader.fetch(100).await.unwrap());
+    // A restore (or an application) reuses the first event's position.
+    sqlx::query(
+        "insert into outbox (position, aggregate_type, aggregate_id, event_type, payload)
+         values ($1, 'order', 'x', 'E', '{}')",
+    )
+    .bind(batch[0].position)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(reader.acknowledge(3, None).await.unwrap().0, Ack::Done);
+    let left: Vec<(i64, String)> =
+        sqlx::query_as("select position, aggregate_id from outbox_pending")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, vec![(batch[0].position, "x".to_string())]);
     db.drop_db().await;
 }
 
@@ -173,29 +300,20 @@ async fn a_node_id_in_use_by_a_live_process_is_not_taken() {
 }
 
 #[tokio::test]
-async fn acknowledge_and_fetch_is_fenced_and_leaves_out_what_is_in_flight() {
+async fn acknowledge_and_fetch_is_fenced_and_leaves_out_what_is_outstanding() {
     let (db, leases, source) = one_partition().await;
-    insert(&db, 12, "g::text", "'{}'").await;
+    db.insert_series(12, "g::text", "'{}'").await;
     let (a, b) = (member("a"), member("b"));
-    let claim = leases.acquire(&a, 0, TTL).await.unwrap().unwrap();
-    let first = source.fetch(&claim, 4, &[]).await.unwrap();
-    let second = source
-        .fetch(
-            &claim,
-            4,
-            &first.iter().map(|e| e.position).collect::<Vec<_>>(),
-        )
-        .await
-        .unwrap();
-    let acked: Vec<i64> = first.iter().map(|e| e.position).collect();
-    let in_flight: Vec<i64> = second.iter().map(|e| e.position).collect();
+    let claim = take(&leases, &a).await.unwrap();
+    let mut reader = source.open(&claim);
+    let first = events(reader.fetch(4).await.unwrap());
+    let second = events(reader.fetch(4).await.unwrap());
+    let acked = positions(&first);
+    let outstanding = positions(&second);
 
-    let (ack, next) = source
-        .acknowledge_and_fetch(&claim, &acked, 100, &in_flight)
-        .await
-        .unwrap();
-    assert_eq!(ack, Ack::Done { removed: 4 });
-    let next: Vec<i64> = next.iter().map(|e| e.position).collect();
+    let (ack, next) = reader.acknowledge(4, Some(100)).await.unwrap();
+    assert_eq!(ack, Ack::Done);
+    let next = positions(&events(next.expect("fetched with the acknowledgement")));
     assert_eq!(next.len(), 4, "{next:?}");
     assert!(
         next.windows(2).all(|w| w[0] < w[1]),
@@ -203,32 +321,23 @@ async fn acknowledge_and_fetch_is_fenced_and_leaves_out_what_is_in_flight() {
     );
     assert!(next
         .iter()
-        .all(|p| !acked.contains(p) && !in_flight.contains(p)));
+        .all(|p| !acked.contains(p) && !outstanding.contains(p)));
     assert_eq!(db.pending().await, 8);
 
     // Stale: nothing removed, nothing fetched.
     expire_lease(&db, 0).await;
-    let newer = leases.acquire(&b, 0, TTL).await.unwrap().unwrap();
-    let (ack, fetched) = source
-        .acknowledge_and_fetch(&claim, &in_flight, 100, &[])
-        .await
-        .unwrap();
+    let newer = take(&leases, &b).await.unwrap();
+    let (ack, fetched) = reader.acknowledge(4, Some(100)).await.unwrap();
     assert_eq!(ack, Ack::Fenced);
-    assert!(fetched.is_empty());
+    assert!(fetched.is_none());
     assert_eq!(db.pending().await, 8);
     // The new owner's combined call with nothing left to fetch.
-    let all: Vec<i64> = source
-        .fetch(&newer, 100, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.position)
-        .collect();
-    let (ack, fetched) = source
-        .acknowledge_and_fetch(&newer, &all, 100, &[])
-        .await
-        .unwrap();
-    assert_eq!(ack, Ack::Done { removed: 8 });
-    assert!(fetched.is_empty());
+    let mut fresh = source.open(&newer);
+    let all = events(fresh.fetch(100).await.unwrap());
+    assert_eq!(all.len(), 8);
+    let (ack, fetched) = fresh.acknowledge(8, Some(100)).await.unwrap();
+    assert_eq!(ack, Ack::Done);
+    assert!(events(fetched.unwrap()).is_empty());
+    assert_eq!(db.pending().await, 0);
     db.drop_db().await;
 }

@@ -2,13 +2,11 @@
 //! letters while the partition goes on (`park`), or holding the partition
 //! (`block`); `outbox dlq` lists, replays and drops them.
 
-mod support;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
+use outbox_harness::*;
 use serde_json::{json, Value};
-use support::*;
 use uuid::Uuid;
 
 /// A config file: a small producer message limit, quick retries.
@@ -28,6 +26,28 @@ fn config_file(policy: &str) -> PathBuf {
     path
 }
 
+/// Node `id` with [`config_file`] of `policy`.
+fn poison_node(db: &TestDb, id: &str, prefix: &str, policy: &str) -> tokio::process::Command {
+    let mut cmd = node_command(db, id, prefix);
+    cmd.arg("--config").arg(config_file(policy));
+    cmd
+}
+
+/// The ids of the first `n` events on `{prefix}order` (waiting up to
+/// `timeout`, then `grace` for more), in the order they came.
+async fn ids_on(prefix: &str, n: usize, timeout: Duration, grace: Duration) -> Vec<Uuid> {
+    let got = consume(&[format!("{prefix}order")], n, timeout, grace).await;
+    got.iter().map(|m| m.id()).collect()
+}
+
+/// Whether `n` events are parked within 10 s.
+async fn parked_within_10s(db: &TestDb, n: i64) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        dead_letter_count(db).await == n
+    })
+    .await
+}
+
 /// Inserts an event through the SQL contract; returns its id.
 async fn insert(db: &TestDb, aggregate: &str, seq: i64, pad: usize, topic: Option<&str>) -> Uuid {
     sqlx::query_scalar(
@@ -43,16 +63,8 @@ async fn insert(db: &TestDb, aggregate: &str, seq: i64, pad: usize, topic: Optio
 }
 
 async fn dlq_json(db: &TestDb) -> Vec<Value> {
-    let out = outbox_command(db)
-        .args(["dlq", "list", "--json"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let list = ["dlq", "list", "--json"];
+    let out = succeed(outbox_command(db).args(list), "dlq list").await;
     serde_json::from_slice::<Value>(&out.stdout)
         .expect("dlq list --json is JSON")
         .as_array()
@@ -77,29 +89,21 @@ async fn poison_events_are_parked_and_the_partition_goes_on() {
     let bad_topic = insert(&db, "b", 1, 10, Some("not a topic!")).await;
     let e5 = insert(&db, "b", 2, 10, None).await;
 
-    let cfg = config_file("park");
-    let mut node = node_command(&db, "p1", &prefix)
-        .args(["--config", cfg.to_str().unwrap()])
-        .spawn()
-        .unwrap();
-    let got = consume(
-        &[format!("{prefix}order")],
+    let mut node = poison_node(&db, "p1", &prefix, "park").spawn().unwrap();
+    let ids = ids_on(
+        &prefix,
         3,
         Duration::from_secs(30),
         Duration::from_millis(500),
     )
     .await;
-    let ids: Vec<Uuid> = got.iter().map(|m| m.id()).collect();
     assert_eq!(
         ids,
         vec![e1, e3, e5],
         "the partition did not go on past the poison events"
     );
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            dead_letter_count(&db).await == 2
-        })
-        .await,
+        parked_within_10s(&db, 2).await,
         "poison events were not parked"
     );
     assert_eq!(db.pending().await, 0);
@@ -134,32 +138,17 @@ async fn poison_events_are_parked_and_the_partition_goes_on() {
     assert_eq!(topic["parked_by"], "p1");
 
     // Replayed, it is tried again (and parked again: it is still too large).
-    let out = outbox_command(&db)
-        .args(["dlq", "replay", &too_large.to_string()])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let replay = ["dlq", "replay", &too_large.to_string()];
+    succeed(outbox_command(&db).args(replay), "dlq replay").await;
     assert_eq!(dead_letter_count(&db).await, 1);
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            dead_letter_count(&db).await == 2
-        })
-        .await,
+        parked_within_10s(&db, 2).await,
         "the replayed event was not tried and parked again"
     );
 
     // Dropped, it is gone; an unknown id is an error.
-    let out = outbox_command(&db)
-        .args(["dlq", "drop", &bad_topic.to_string()])
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success());
+    let drop_one = ["dlq", "drop", &bad_topic.to_string()];
+    succeed(outbox_command(&db).args(drop_one), "dlq drop").await;
     assert_eq!(dead_letter_count(&db).await, 1);
     let out = outbox_command(&db)
         .args(["dlq", "drop", &Uuid::new_v4().to_string()])
@@ -184,19 +173,11 @@ async fn block_policy_holds_the_partition_until_the_operator_acts() {
     let e3 = insert(&db, "a", 3, 10, None).await;
 
     let log = std::env::temp_dir().join(format!("outbox-block-{}.log", Uuid::new_v4().simple()));
-    let mut node = node_command(&db, "b1", &prefix)
-        .args(["--config", config_file("block").to_str().unwrap()])
+    let mut node = poison_node(&db, "b1", &prefix, "block")
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let got = consume(
-        &[format!("{prefix}order")],
-        2,
-        Duration::from_secs(8),
-        Duration::ZERO,
-    )
-    .await;
-    let ids: Vec<Uuid> = got.iter().map(|m| m.id()).collect();
+    let ids = ids_on(&prefix, 2, Duration::from_secs(8), Duration::ZERO).await;
     assert_eq!(
         ids,
         vec![e1],
@@ -217,25 +198,16 @@ async fn block_policy_holds_the_partition_until_the_operator_acts() {
     );
 
     // The operator switches to park: the poison event is parked, the rest flows.
-    let mut node = node_command(&db, "b1", &prefix)
-        .args(["--config", config_file("park").to_str().unwrap()])
-        .spawn()
-        .unwrap();
-    let got = consume(
-        &[format!("{prefix}order")],
+    let mut node = poison_node(&db, "b1", &prefix, "park").spawn().unwrap();
+    let ids = ids_on(
+        &prefix,
         2,
         Duration::from_secs(30),
         Duration::from_millis(500),
     )
     .await;
-    let ids: Vec<Uuid> = got.iter().map(|m| m.id()).collect();
     assert_eq!(ids, vec![e1, e3]);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            dead_letter_count(&db).await == 1
-        })
-        .await
-    );
+    assert!(parked_within_10s(&db, 1).await);
     let parked: Uuid = sqlx::query_scalar("select event_id from outbox_dead_letters")
         .fetch_one(&db.pool)
         .await

@@ -3,13 +3,11 @@
 //! aggregate follows commit order, a killed node loses nothing, and the
 //! outbox does not bloat under sustained load.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use outbox_engine::{Enqueuer, NewEvent};
+use outbox_harness::*;
 use serde_json::json;
-use support::*;
 use uuid::Uuid;
 
 /// Enqueues one event per transaction; returns its id.
@@ -216,13 +214,11 @@ async fn a_node_killed_with_sigkill_loses_nothing() {
     let batch_size = 100;
     let inflight = 2;
     let spawn = || {
-        let mut cmd = outbox_command(&db);
-        cmd.args(["run", "--node-id", "victim", "--topic-prefix", &prefix])
-            .args(["--topic-partitions", &TOPIC_PARTITIONS.to_string()])
+        node_command(&db, "victim", &prefix)
             .args(["--batch-size", &batch_size.to_string()])
             .args(["--max-inflight-batches", &inflight.to_string()])
-            .args(["--lease-ttl-ms", "2000", "--heartbeat-interval-ms", "250"]);
-        cmd.spawn().expect("spawn outbox run")
+            .spawn()
+            .expect("spawn outbox run")
     };
     let mut node = spawn();
 

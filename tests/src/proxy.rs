@@ -11,6 +11,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::PrivateBroker;
+use crate::{free_port, Error, Result};
+
 struct Inner {
     upstream: SocketAddr,
     cut: AtomicBool,
@@ -34,11 +37,8 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts forwarding. Must be called inside a tokio runtime.
-    pub fn start(upstream: SocketAddr) -> Proxy {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        std_listener.set_nonblocking(true).expect("nonblocking");
-        let port = std_listener.local_addr().expect("proxy addr").port();
-        let listener = TcpListener::from_std(std_listener).expect("tokio listener");
+    pub fn start(upstream: SocketAddr) -> Result<Proxy> {
+        let (listener, port) = listen()?;
         let inner = Arc::new(Inner {
             upstream,
             cut: AtomicBool::new(false),
@@ -46,27 +46,20 @@ impl Proxy {
             accepted: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         });
-        let state = Arc::clone(&inner);
-        let accept = tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                tokio::spawn(serve(Arc::clone(&state), client));
-            }
-        });
-        Proxy {
+        let accept = accept_each(listener, Arc::clone(&inner), serve);
+        Ok(Proxy {
             port,
             inner,
             accept,
-        }
+        })
     }
 
+    /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// `127.0.0.1:<port>`, what clients connect to.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -85,6 +78,7 @@ impl Proxy {
         self.inner.cut.store(false, Ordering::SeqCst);
     }
 
+    /// Whether it is cut now.
     pub fn is_cut(&self) -> bool {
         self.inner.cut.load(Ordering::SeqCst)
     }
@@ -105,8 +99,39 @@ impl Drop for Proxy {
     }
 }
 
+/// A listener on a free `127.0.0.1` port, and the port.
+pub(crate) fn listen() -> Result<(TcpListener, u16)> {
+    let bound = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(|l| Ok((l.local_addr()?.port(), l)))
+        .and_then(|(port, l)| Ok((TcpListener::from_std(l)?, port)));
+    bound.map_err(|e| Error::io("listen on 127.0.0.1", e))
+}
+
+/// Accepts connections on `listener` until aborted, each served by
+/// `serve` on a task of its own.
+pub(crate) fn accept_each<S, F>(
+    listener: TcpListener,
+    state: Arc<S>,
+    serve: fn(Arc<S>, TcpStream) -> F,
+) -> JoinHandle<()>
+where
+    S: Send + Sync + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            tokio::spawn(serve(Arc::clone(&state), client));
+        }
+    })
+}
+
 /// Drops `s` with a TCP reset rather than an orderly close.
-fn reset(s: TcpStream) {
+pub(crate) fn reset(s: TcpStream) {
     let _ = s.set_zero_linger();
     drop(s);
 }
@@ -142,52 +167,28 @@ async fn serve(inner: Arc<Inner>, mut client: TcpStream) {
 }
 
 /// A private in-memory tansu broker listening on its own port, advertised
-/// to clients at the port of a [`Proxy`] in front of it: librdkafka
-/// connects to the advertised address from the metadata, so every
-/// connection of every client goes through the proxy and `cut()` cuts them
-/// all.
+/// to clients at the port of a [`Proxy`] in front of it: every connection
+/// of every client goes through the proxy and `cut()` cuts them all.
 pub struct ProxiedBroker {
-    /// The port tansu listens on (only the proxy connects to it).
-    pub broker_port: u16,
+    /// The broker, listening on a port only the proxy connects to.
+    pub broker: PrivateBroker,
+    /// What every client connects through.
     pub proxy: Proxy,
-    child: Option<std::process::Child>,
 }
 
 impl ProxiedBroker {
-    /// Must be called inside a (multi-threaded) tokio runtime.
-    pub fn start() -> ProxiedBroker {
-        let broker_port = super::free_port();
-        let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], broker_port)));
-        let mut b = ProxiedBroker {
-            broker_port,
-            proxy,
-            child: None,
-        };
-        b.restart();
-        b
+    /// Starts the proxy and the broker and waits until the broker accepts
+    /// connections. Blocks: call it inside `block_in_place` on a
+    /// multi-threaded runtime.
+    pub fn start() -> Result<ProxiedBroker> {
+        let broker_port = free_port();
+        let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], broker_port)))?;
+        let broker = PrivateBroker::start_behind(broker_port, proxy.port())?;
+        Ok(ProxiedBroker { broker, proxy })
     }
 
     /// What clients use as `bootstrap.servers`: the proxy.
     pub fn addr(&self) -> String {
         self.proxy.addr()
-    }
-
-    /// Starts tansu (again) and waits until it accepts connections.
-    pub fn restart(&mut self) {
-        self.stop();
-        self.child = Some(super::spawn_tansu(self.broker_port, self.proxy.port()));
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for ProxiedBroker {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
