@@ -17,7 +17,6 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -28,9 +27,10 @@ use crate::cli::BrokerConfig;
 use crate::clock::Clock;
 use crate::kafka;
 use crate::plan::Payload;
-use crate::plot::charts;
 use crate::progress::{self, Counters, Labels};
-use crate::report::{per_sec, table, Finished, Latency, Machine, Meta, Report};
+use crate::report::broker::BrokerResults;
+use crate::report::histogram as h;
+use crate::report::{per_sec, Kind, Latency, Machine, Meta, Report, VERSION};
 use crate::run::new_run;
 use crate::verifier::tally::latency_histogram;
 use crate::writer::{EVENT_TYPE, RUN_HEADER};
@@ -45,24 +45,6 @@ pub const LABELS: Labels = Labels {
     delivered: Some("acked"),
     p99: true,
 };
-
-#[derive(Debug, Serialize)]
-pub struct BrokerResults {
-    /// Messages handed to librdkafka.
-    pub sent: u64,
-    pub acked: u64,
-    pub failed: u64,
-    pub first_error: Option<String>,
-    /// From the first send to the last acknowledgement.
-    pub secs: f64,
-    /// Acknowledged messages per second over `secs`.
-    pub acked_per_sec: f64,
-    /// Send (handed to librdkafka) to acknowledgement.
-    pub ack_latency_ms: Latency,
-    /// The producer's librdkafka properties (the engine's defaults).
-    pub producer_properties: std::collections::BTreeMap<String, String>,
-    pub topics_deleted: bool,
-}
 
 /// Counts acknowledgements; runs on librdkafka's delivery thread.
 struct Acks {
@@ -103,10 +85,7 @@ impl ProducerContext for Acks {
 }
 
 /// Produces for the configured duration (or message count).
-pub async fn run(
-    config: BrokerConfig,
-    meta: Meta,
-) -> Result<(Report<BrokerConfig, BrokerResults>, Finished)> {
+pub async fn run(config: BrokerConfig, meta: Meta) -> Result<Report<BrokerConfig, BrokerResults>> {
     let (run_id, started_at_unix_ms) = new_run();
     let admin = kafka::admin(&config.kafka_brokers)?;
     let topics = config.topics();
@@ -216,10 +195,10 @@ pub async fn run(
         producer_properties,
         topics_deleted,
     };
-    let report = Report {
-        kind: "broker-ceiling",
+    let mut report = Report {
+        kind: Kind::BrokerCeiling,
         name: meta.name.unwrap_or_else(|| "broker-ceiling".into()),
-        loadgen_version: env!("CARGO_PKG_VERSION"),
+        loadgen_version: VERSION.into(),
         run_id,
         started_at_unix_ms,
         config,
@@ -227,39 +206,18 @@ pub async fn run(
         machine: Machine::probe("PostgreSQL not used".into(), meta.broker),
         results,
         timeseries: samples,
+        failures: Vec::new(),
+        histograms: Vec::new(),
     };
-    let mut finished = Finished::new(&report, markdown(&report))?;
     if report.results.failed > 0 {
-        finished.failures.push(format!(
+        report.failures.push(format!(
             "{} messages were refused by the broker: {}",
             report.results.failed,
             report.results.first_error.as_deref().unwrap_or("?")
         ));
     }
-    finished.hgrm("latency_send_to_ack", &latency);
-    let title = |what: &str| format!("{what}: {}", report.name);
-    finished.chart(
-        "throughput",
-        &charts::throughput(
-            &title("throughput"),
-            &report.timeseries,
-            Some("sent/s"),
-            Some("acked/s"),
-        ),
-    );
-    finished.chart(
-        "lag",
-        &charts::lag(
-            &title("in flight (sent − acked)"),
-            &report.timeseries,
-            "in flight",
-        ),
-    );
-    finished.chart(
-        "latency",
-        &charts::latency(&title("latency"), &[("send → ack", &latency)]),
-    );
-    Ok((report, finished))
+    report.record(h::SEND_TO_ACK, &latency)?;
+    Ok(report)
 }
 
 /// The sending loop, on a blocking thread: waits briefly whenever
@@ -321,37 +279,4 @@ fn send_all(
         counters.committed.fetch_add(1, Ordering::Relaxed);
     }
     Ok(sent)
-}
-
-fn markdown(report: &Report<BrokerConfig, BrokerResults>) -> String {
-    let c = &report.config;
-    let r = &report.results;
-    let mut s = format!(
-        "# loadgen broker-ceiling `{}` ({})\n\n",
-        report.name, report.run_id
-    );
-    s.push_str(&format!(
-        "Messages like the engine's (~{} B JSON payloads, {} keys, {} topics of {} partitions) \
-         produced straight to the broker for up to {} s, with the engine's producer settings.\n\n",
-        c.payload_bytes,
-        c.aggregates,
-        c.aggregate_types.len(),
-        c.topic_partitions,
-        c.duration_secs
-    ));
-    let rows = [
-        ("sent", r.sent.to_string()),
-        ("acked", r.acked.to_string()),
-        ("failed", r.failed.to_string()),
-        ("acked/s", format!("{:.0}", r.acked_per_sec)),
-        (
-            "send → ack ms (p50 / p99 / p99.9 / max)",
-            r.ack_latency_ms.cells(),
-        ),
-        ("seconds", format!("{:.2}", r.secs)),
-    ];
-    s.push_str(&table(&rows));
-    s.push_str("\n![throughput](throughput.svg)\n![in flight](lag.svg)\n![latency](latency.svg)\n");
-    s.push_str(&format!("\nMachine: {}\n", report.machine.line()));
-    s
 }

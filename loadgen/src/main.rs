@@ -1,37 +1,20 @@
-//! `loadgen`: drives the outbox engine end to end, checks what comes out,
-//! measures the baselines it is compared with, and runs the benchmark
-//! suite.
+//! The `loadgen` binary: parses the command line, starts the runtime,
+//! calls into the library (`loadgen::*`) and maps the outcome to an exit
+//! code.
 //!
 //! Exit codes: 0 the run passed; 1 an error (unreachable database or
 //! broker, failed transaction, a suite run that could not be measured...);
 //! 2 bad usage; 3 the run finished but events were lost or arrived out of
 //! order (the report is still written).
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
 
-mod broker;
-mod cli;
-mod clock;
-mod drain;
-mod hgrm;
-mod kafka;
-mod nodes;
-mod plan;
-mod plot;
-mod progress;
-mod report;
-mod run;
-mod suite;
-mod timeseries;
-mod verifier;
-mod writer;
-
-use cli::{Cli, Command};
-use report::{Finished, Meta};
-use run::WriteOnly;
+use loadgen::cli::{Cli, Command, ReportArgs};
+use loadgen::report::{AnyReport, Meta};
+use loadgen::run::WriteOnly;
+use loadgen::{broker, drain, nodes, render, run, suite};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -94,7 +77,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
             let config = checked!(args.validate());
-            let finished = if args.no_verify {
+            let report: AnyReport = if args.no_verify {
                 run::write_only(
                     &args.database_url,
                     config,
@@ -102,29 +85,29 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     WriteOnly::WithEngine,
                 )
                 .await?
-                .1
+                .into()
             } else {
                 run::e2e(&args.database_url, config, meta(&args.report.name))
                     .await?
-                    .1
+                    .into()
             };
-            finish(&finished, args.report.out.as_deref(), args.report.json)
+            finish(&report, &args.report)
         }
         Command::DbCeiling(args) => {
             let config = checked!(args.validate());
-            let (_, finished) = run::write_only(
+            let report = run::write_only(
                 &args.database_url,
                 config,
                 meta(&args.report.name),
                 WriteOnly::DbCeiling,
             )
             .await?;
-            finish(&finished, args.report.out.as_deref(), args.report.json)
+            finish(&report.into(), &args.report)
         }
         Command::BrokerCeiling(args) => {
             let config = checked!(args.validate());
-            let (_, finished) = broker::run(config, meta(&args.report.name)).await?;
-            finish(&finished, args.report.out.as_deref(), args.report.json)
+            let report = broker::run(config, meta(&args.report.name)).await?;
+            finish(&report.into(), &args.report)
         }
         Command::Drain(args) => {
             let config = checked!(args.validate());
@@ -134,9 +117,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 engine_args: &args.engine_args,
                 log_dir: &args.log_dir,
             };
-            let (_, finished) =
+            let report =
                 drain::run(&args.database_url, config, opts, meta(&args.report.name)).await?;
-            finish(&finished, args.report.out.as_deref(), args.report.json)
+            finish(&report.into(), &args.report)
         }
         Command::Suite(args) => {
             let config = checked!(args.validate());
@@ -151,29 +134,47 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Render(args) => {
+            for dir in &args.dirs {
+                let (written, notes) = render::render_dir(dir)?;
+                eprintln!(
+                    "loadgen: rendered {}: {}",
+                    dir.display(),
+                    written.join(", ")
+                );
+                for n in notes {
+                    eprintln!("loadgen: {}: {n}", dir.display());
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
-/// Writes the files (with `--out`), prints the summary or the JSON, and
-/// turns failed checks into exit code 3.
-fn finish(finished: &Finished, out: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> {
-    if let Some(dir) = out {
-        finished.write(dir)?;
-        eprintln!(
-            "loadgen: wrote {}/report.json, summary.md, {}",
-            dir.display(),
-            finished.file_names().join(", ")
-        );
-    }
-    if json {
-        print!("{}", finished.json);
+/// Writes report.json and what is drawn from it (with `--out`), prints
+/// the summary or the JSON, and turns failed checks into exit code 3.
+fn finish(report: &AnyReport, args: &ReportArgs) -> anyhow::Result<ExitCode> {
+    let rendered = match &args.out {
+        Some(dir) => {
+            let rendered = render::write_run(dir, report)?;
+            eprintln!(
+                "loadgen: wrote {}/report.json, {}",
+                dir.display(),
+                rendered.names().join(", ")
+            );
+            rendered
+        }
+        None => render::render(report)?,
+    };
+    if args.json {
+        print!("{}", report.to_json()?);
     } else {
-        print!("{}", finished.markdown);
+        print!("{}", rendered.summary());
     }
-    for f in &finished.failures {
+    for f in report.failures() {
         eprintln!("FAILED: {f}");
     }
-    Ok(if finished.failures.is_empty() {
+    Ok(if report.failures().is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_CHECK_FAILED)

@@ -1,6 +1,7 @@
 //! Engine nodes as child processes, for the runs that start the engine
 //! themselves (drain, suite): `outbox migrate`, N × `outbox run` with their
-//! logs in files, readiness read from the lease table, SIGTERM to stop.
+//! logs in files, SIGTERM to stop (readiness is read through the engine's
+//! library, in [`crate::engine_state::wait_ready`]).
 //! Signals go through the `kill` command, as in the engine's tests, so
 //! loadgen needs no `unsafe` and no libc binding.
 
@@ -9,9 +10,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::Serialize;
-use sqlx::PgConnection;
 use tokio::process::{Child, Command};
+
+use crate::report::EngineSetup;
 
 /// How long a node may take to drain and exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(40);
@@ -24,28 +25,6 @@ const CLEARED_ENV: [&str; 5] = [
     "OUTBOX_HTTP_ADDR",
     "OUTBOX_PARTITIONS",
 ];
-
-/// Partitions with a live lease, and how many distinct nodes hold them.
-pub fn leases_sql(schema: &str) -> String {
-    format!(
-        "select count(*) filter (where owner is not null and expires_at > now()),
-                count(distinct owner) filter (where expires_at > now())
-         from {schema}.outbox_leases"
-    )
-}
-
-/// What the report records about the engine loadgen ran.
-#[derive(Debug, Clone, Serialize)]
-pub struct EngineSetup {
-    pub binary: String,
-    pub version: String,
-    pub nodes: usize,
-    pub partitions: u32,
-    pub topic_prefix: String,
-    pub topic_partitions: i32,
-    /// Extra `outbox run` flags.
-    pub args: Vec<String>,
-}
 
 /// The `outbox` binary.
 #[derive(Debug, Clone)]
@@ -207,35 +186,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// Waits until every partition has a live lease and every node holds
-    /// some (as many owners as nodes, up to the partitions).
-    pub async fn wait_ready(
-        &mut self,
-        conn: &mut PgConnection,
-        schema: &str,
-        partitions: u32,
-        timeout: Duration,
-    ) -> Result<Duration> {
-        let sql = leases_sql(schema);
-        let want_owners = self.nodes.len().min(partitions as usize) as i64;
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.check_running()?;
-            let (owned, owners): (i64, i64) = sqlx::query_as(&sql)
-                .fetch_one(&mut *conn)
-                .await
-                .context("reading the lease table")?;
-            if owned == i64::from(partitions) && owners == want_owners {
-                return Ok(self.started.elapsed());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "engine not ready after {}s: {owned}/{partitions} partitions leased by {owners}/{want_owners} nodes",
-                    timeout.as_secs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    /// How many nodes were started.
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
     }
 
     /// SIGTERM to every node, then waits for each; a node that does not

@@ -157,6 +157,6 @@ mod tests {
         assert!((3..=4).contains(&samples.len()), "{samples:?}");
         assert!(samples
             .iter()
-            .all(|s| s.committed == 300 && s.phase == "writing"));
+            .all(|s| s.committed == 300 && s.phase == crate::timeseries::Phase::Writing));
     }
 }

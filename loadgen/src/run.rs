@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
-use sqlx::{Connection, PgConnection};
+use sqlx::PgConnection;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -18,14 +18,15 @@ use uuid::Uuid;
 
 use crate::cli::RunConfig;
 use crate::clock::Clock;
+use crate::engine_state::EngineDb;
 use crate::plan::Aggregates;
-use crate::plot::charts;
 use crate::progress::{self, Counters};
-use crate::report::e2e::{BrokerLatency, Results, WriteResults};
-use crate::report::{per_sec, Finished, Latency, Machine, Meta, Report};
+use crate::report::e2e::{BrokerLatency, InboxResults, Results, WriteResults};
+use crate::report::histogram as h;
+use crate::report::{per_sec, Kind, Latency, Machine, Meta, Report, VERSION};
 use crate::timeseries::lag_summary;
-use crate::verifier::{tally, Outcome, Verifier};
-use crate::writer::{self, sql, CommitBatch, Shared, Writer, WriterStats};
+use crate::verifier::{tally, InboxCheck, Outcome, Verifier};
+use crate::writer::{self, CommitBatch, Shared, Writer, WriterStats};
 
 /// A new run id (time-ordered) and the wall-clock start.
 pub fn new_run() -> (String, u64) {
@@ -113,12 +114,17 @@ pub async fn e2e(
     database_url: &str,
     config: RunConfig,
     meta: Meta,
-) -> Result<(Report<RunConfig, Results>, Finished)> {
+) -> Result<Report<RunConfig, Results>> {
     let (run_id, started_at_unix_ms) = new_run();
-    let mut admin = writer::connect(database_url).await?;
-    let postgres_version = writer::prepare(&mut admin, &config.schema).await?;
+    let db = EngineDb::connect(database_url, &config.schema).await?;
+    let postgres_version = writer::prepare(&db, &config.schema).await?;
     let conns = open_writers(database_url, config.writers).await?;
-    let verifier = Verifier::connect(&config, &run_id).await?;
+    let mut verifier = Verifier::connect(&config, &run_id).await?;
+    if config.inbox {
+        let group = format!("loadgen-{run_id}");
+        verifier.inbox = Some(InboxCheck::connect(database_url, &config.schema, &group).await?);
+        eprintln!("loadgen: consuming through the inbox (group {group})");
+    }
     for t in &verifier.topics {
         eprintln!(
             "loadgen: {} ({} partitions, {})",
@@ -178,14 +184,14 @@ pub async fn e2e(
             "drain stopped before every committed event arrived"
         }
     );
-    admin.close().await.ok();
+    db.close().await;
 
     let mut results = results(&outcome, clock, &written.tx_latency);
     results.lag = lag_summary(&samples, results.commit_rate_eps);
-    let report = Report {
-        kind: "e2e",
+    let mut report = Report {
+        kind: Kind::E2e,
         name: meta.name.unwrap_or_else(|| "e2e".into()),
-        loadgen_version: env!("CARGO_PKG_VERSION"),
+        loadgen_version: VERSION.into(),
         run_id,
         started_at_unix_ms,
         config,
@@ -193,40 +199,18 @@ pub async fn e2e(
         machine: Machine::probe(postgres_version, meta.broker),
         results,
         timeseries: samples,
+        failures: Vec::new(),
+        histograms: Vec::new(),
     };
-    let mut finished = Finished::new(&report, report.markdown())?;
-    finished.failures = report.failures();
+    report.failures = report.failed_checks();
     let t = &outcome.tally;
-    let mut curves: Vec<(&str, &Histogram<u64>)> = vec![("commit → receive", &t.latency)];
-    finished.hgrm("latency_commit_to_receive", &t.latency);
+    report.record(h::COMMIT_TO_RECEIVE, &t.latency)?;
     if !t.latency_to_append.is_empty() {
-        finished.hgrm("latency_commit_to_append", &t.latency_to_append);
-        curves.push(("commit → broker append", &t.latency_to_append));
+        report.record(h::COMMIT_TO_APPEND, &t.latency_to_append)?;
     }
-    finished.hgrm("latency_intended_to_receive", &t.latency_from_intended);
-    finished.hgrm("latency_transaction", &written.tx_latency);
-    curves.push(("intended → receive", &t.latency_from_intended));
-    curves.push(("transaction", &written.tx_latency));
-    let title = |what: &str| format!("{what}: {}", report.name);
-    finished.chart(
-        "throughput",
-        &charts::throughput(
-            &title("throughput"),
-            &report.timeseries,
-            Some("committed/s"),
-            Some("delivered/s"),
-        ),
-    );
-    finished.chart(
-        "lag",
-        &charts::lag(
-            &title("lag (committed − delivered)"),
-            &report.timeseries,
-            "lag",
-        ),
-    );
-    finished.chart("latency", &charts::latency(&title("latency"), &curves));
-    Ok((report, finished))
+    report.record(h::INTENDED_TO_RECEIVE, &t.latency_from_intended)?;
+    report.record(h::TRANSACTION, &written.tx_latency)?;
+    Ok(report)
 }
 
 fn results(outcome: &Outcome, clock: Clock, tx_latency: &Histogram<u64>) -> Results {
@@ -265,6 +249,12 @@ fn results(outcome: &Outcome, clock: Clock, tx_latency: &Histogram<u64>) -> Resu
         tx_latency_ms: Latency::from_us(tx_latency),
         timestamp_types: t.timestamp_types,
         lag: None,
+        inbox: outcome.inbox.map(|c| InboxResults {
+            duplicates_delivered: t.duplicates + t.rereads,
+            applied_twice: c.applied_twice,
+            applied: c.applied,
+            skipped: c.skipped,
+        }),
     }
 }
 
@@ -284,13 +274,13 @@ pub async fn write_only(
     config: RunConfig,
     meta: Meta,
     which: WriteOnly,
-) -> Result<(Report<RunConfig, WriteResults>, Finished)> {
+) -> Result<Report<RunConfig, WriteResults>> {
     let (run_id, started_at_unix_ms) = new_run();
-    let mut admin = writer::connect(database_url).await?;
-    let postgres_version = writer::prepare(&mut admin, &config.schema).await?;
+    let db = EngineDb::connect(database_url, &config.schema).await?;
+    let postgres_version = writer::prepare(&db, &config.schema).await?;
     if which == WriteOnly::DbCeiling {
-        let live: i64 = sqlx::query_scalar(&sql::live_nodes(&config.schema))
-            .fetch_one(&mut admin)
+        let live = db
+            .live_nodes()
             .await
             .context("looking for live engine nodes")?;
         if live > 0 {
@@ -328,28 +318,25 @@ pub async fn write_only(
     }
     let outbox_empty_after_secs = match which {
         WriteOnly::DbCeiling => None,
-        WriteOnly::WithEngine => {
-            wait_for_empty_outbox(&mut admin, &config.schema, config.drain_timeout(), &abort)
-                .await?
-        }
+        WriteOnly::WithEngine => wait_for_empty_outbox(&db, config.drain_timeout(), &abort).await?,
     };
     progress_stop.cancel();
     let samples = progress.await.unwrap_or_default();
     interrupt.abort();
-    admin.close().await.ok();
+    db.close().await;
 
     let committed = counters.committed.load(Ordering::Relaxed);
     let write_secs = written
         .last_commit_us
         .map_or(0.0, |t| t.saturating_sub(clock.origin_us()) as f64 / 1e6);
     let kind = match which {
-        WriteOnly::DbCeiling => "db-ceiling",
-        WriteOnly::WithEngine => "e2e-unverified",
+        WriteOnly::DbCeiling => Kind::DbCeiling,
+        WriteOnly::WithEngine => Kind::E2eUnverified,
     };
-    let report = Report {
+    let mut report = Report {
         kind,
-        name: meta.name.unwrap_or_else(|| kind.into()),
-        loadgen_version: env!("CARGO_PKG_VERSION"),
+        name: meta.name.unwrap_or_else(|| kind.to_string()),
+        loadgen_version: VERSION.into(),
         run_id,
         started_at_unix_ms,
         config,
@@ -364,48 +351,29 @@ pub async fn write_only(
             outbox_empty_after_secs,
         },
         timeseries: samples,
+        failures: Vec::new(),
+        histograms: Vec::new(),
     };
-    let mut finished = Finished::new(&report, report.markdown())?;
     if which == WriteOnly::WithEngine && outbox_empty_after_secs.is_none() {
-        finished.failures.push(format!(
+        report.failures.push(format!(
             "the outbox was not empty {} s after the last commit: the engine did not keep up",
             report.config.drain_timeout_secs
         ));
     }
-    finished.hgrm("latency_transaction", &written.tx_latency);
-    let title = |what: &str| format!("{what}: {}", report.name);
-    finished.chart(
-        "throughput",
-        &charts::throughput(
-            &title("throughput"),
-            &report.timeseries,
-            Some("committed/s"),
-            None,
-        ),
-    );
-    finished.chart(
-        "latency",
-        &charts::latency(&title("latency"), &[("transaction", &written.tx_latency)]),
-    );
-    Ok((report, finished))
+    report.record(h::TRANSACTION, &written.tx_latency)?;
+    Ok(report)
 }
 
 /// Polls every 200 ms until the outbox is empty; the seconds it took, or
 /// `None` after `timeout` (or an interrupt).
 async fn wait_for_empty_outbox(
-    conn: &mut PgConnection,
-    schema: &str,
+    db: &EngineDb,
     timeout: Duration,
     abort: &AtomicBool,
 ) -> Result<Option<f64>> {
-    let sql = sql::outbox_not_empty(schema);
     let start = Instant::now();
     loop {
-        let pending: bool = sqlx::query_scalar(&sql)
-            .fetch_one(&mut *conn)
-            .await
-            .context("checking whether the outbox is empty")?;
-        if !pending {
+        if !db.any_pending().await? {
             return Ok(Some(start.elapsed().as_secs_f64()));
         }
         if start.elapsed() >= timeout || abort.load(Ordering::Relaxed) {

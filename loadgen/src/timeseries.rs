@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A cumulative reading of the counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -31,13 +31,30 @@ pub struct Reading {
     pub writing: bool,
 }
 
+/// Whether the load was still being written when a sample was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Writing,
+    Draining,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            Phase::Writing => "writing",
+            Phase::Draining => "draining",
+        })
+    }
+}
+
 /// One point of `report.json`'s `timeseries`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
     /// Seconds since the start of the load.
     pub t_secs: f64,
     /// `writing` while the load runs, then `draining`.
-    pub phase: &'static str,
+    pub phase: Phase,
     pub committed: u64,
     pub delivered: Option<u64>,
     pub committed_per_sec: f64,
@@ -60,7 +77,11 @@ impl Sample {
         };
         Self {
             t_secs: round3(now.at.as_secs_f64()),
-            phase: if now.writing { "writing" } else { "draining" },
+            phase: if now.writing {
+                Phase::Writing
+            } else {
+                Phase::Draining
+            },
             committed: now.committed,
             delivered: now.delivered,
             committed_per_sec: round1(rate(prev.committed, now.committed)),
@@ -73,7 +94,7 @@ impl Sample {
     }
 
     pub fn writing(&self) -> bool {
-        self.phase == "writing"
+        self.phase == Phase::Writing
     }
 }
 
@@ -90,7 +111,7 @@ fn round3(x: f64) -> f64 {
 pub const LAG_GROWTH_TOLERANCE: f64 = 0.05;
 
 /// What the lag did while the load ran.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LagSummary {
     /// Highest lag seen, in events.
     pub max: u64,
@@ -176,7 +197,7 @@ mod tests {
         assert_eq!(s.delivered_per_sec, Some(2_000.0));
         assert_eq!(s.lag, Some(100));
         assert_eq!(s.p99_ms, Some(12.5));
-        assert_eq!(s.phase, "writing");
+        assert_eq!(s.phase, Phase::Writing);
     }
 
     #[test]
@@ -192,7 +213,9 @@ mod tests {
             (s.delivered, s.lag, s.delivered_per_sec),
             (None, None, None)
         );
-        assert_eq!(s.phase, "draining");
+        assert_eq!(s.phase, Phase::Draining);
+        assert_eq!(format!("[{:<9}]", s.phase), "[draining ]");
+        assert_eq!(serde_json::to_value(s.phase).unwrap(), "draining");
         assert!(lag_summary(&[s], 10.0).is_none());
     }
 

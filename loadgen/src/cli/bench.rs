@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use outbox_engine::config::{redact_url, validate_identifier};
@@ -82,7 +82,7 @@ pub struct BrokerArgs {
 }
 
 /// A checked `broker-ceiling` configuration.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BrokerConfig {
     pub kafka_brokers: String,
     pub duration_secs: f64,
@@ -200,7 +200,7 @@ pub struct DrainArgs {
 }
 
 /// A checked `drain` configuration.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DrainConfig {
     /// Password masked.
     pub database: String,
@@ -246,7 +246,7 @@ impl DrainArgs {
         if !(1..=16).contains(&self.load_connections) {
             bail!("--load-connections must be between 1 and 16");
         }
-        if self.aggregates == 0 || self.aggregates % self.load_connections != 0 {
+        if self.aggregates == 0 || !self.aggregates.is_multiple_of(self.load_connections) {
             bail!(
                 "--aggregates ({}) must be a positive multiple of --load-connections ({})",
                 self.aggregates,

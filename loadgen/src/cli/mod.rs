@@ -6,7 +6,7 @@ mod bench;
 mod run;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use bench::{BrokerArgs, BrokerConfig, DrainArgs, DrainConfig, SuiteArgs, SuiteConfig};
 pub use run::{RunArgs, RunConfig, MAX_PAYLOAD_BYTES};
@@ -41,10 +41,22 @@ pub enum Command {
     /// started and stopped by loadgen, baselines, sweep, drain, targets;
     /// results under bench-results/ and a regenerated bench-results/README.md.
     Suite(SuiteArgs),
+    /// Draw a run's files again from its report.json (summary.md, .hgrm
+    /// files, SVG charts), or a results directory's README.md from its
+    /// suite.json, without measuring again.
+    Render(RenderArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RenderArgs {
+    /// Directories holding a report.json (a run) or a suite.json (the
+    /// suite's results directory).
+    #[arg(required = true, value_name = "DIR")]
+    pub dirs: Vec<std::path::PathBuf>,
 }
 
 /// How events get into the outbox.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// `outbox_engine::Enqueuer`, one round trip per transaction.

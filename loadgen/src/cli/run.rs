@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use outbox_engine::config::{redact_url, validate_identifier};
 use outbox_engine::sink::routing;
@@ -74,12 +74,17 @@ pub struct RunArgs {
     /// the application's commit rate while the engine relays.
     #[arg(long)]
     pub no_verify: bool,
+    /// `run` only: the verifier also consumes through the consumer inbox
+    /// (tables in `--schema`, a consumer group of the run's own) and the
+    /// report counts `inbox.duplicates_delivered` and `inbox.applied_twice`.
+    #[arg(long, conflicts_with = "no_verify")]
+    pub inbox: bool,
     #[command(flatten)]
     pub report: super::ReportArgs,
 }
 
 /// A checked `run` configuration.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunConfig {
     /// Password masked; connect with [`RunArgs::database_url`].
     pub database: String,
@@ -97,6 +102,10 @@ pub struct RunConfig {
     pub topic_partitions: i32,
     pub mode: Mode,
     pub drain_timeout_secs: f64,
+    /// Consume through the consumer inbox too (false in reports written
+    /// before the flag existed).
+    #[serde(default)]
+    pub inbox: bool,
 }
 
 impl RunConfig {
@@ -185,6 +194,7 @@ impl RunArgs {
             topic_partitions: self.topic_partitions,
             mode: self.mode,
             drain_timeout_secs: self.drain_timeout,
+            inbox: self.inbox,
         })
     }
 }
@@ -211,6 +221,8 @@ mod tests {
         assert_eq!(c.topics(), ["outbox.event.order", "outbox.event.invoice"]);
         assert!(!c.database.contains("pw"), "{}", c.database);
         assert_eq!(c.mode, Mode::Api);
+        assert!(!c.inbox);
+        assert!(parse(&["--inbox"]).validate().expect("valid").inbox);
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! 2. Load N events server-side (`insert … select … generate_series`) in
 //!    chunks, over a few connections that each own their aggregates, so
 //!    each aggregate's `seq` follows position order; then `analyze`.
-//! 3. Start the engine nodes; the clock runs from their start until
-//!    `select exists(select 1 from outbox)` (polled every 200 ms) is false.
+//! 3. Start the engine nodes; the clock runs from their start until no
+//!    event is pending (polled every 200 ms).
 //! 4. Stop the nodes, then consume every topic from the beginning and
 //!    count: unique, lost, duplicates, order. Counting happens after the
 //!    drain so the consumer does not take CPU from the engine on a small
@@ -25,18 +25,19 @@ use rand::Rng;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sqlx::Connection;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::DrainConfig;
 use crate::clock::Clock;
+use crate::engine_state::{check_backlog, EngineDb};
 use crate::kafka;
 use crate::nodes::{Engine, NodeSpec};
-use crate::plot::charts;
 use crate::progress::{self, Counters, Labels};
-use crate::report::{per_sec, table, Finished, Machine, Meta, Report};
+use crate::report::drain::{failed_checks, DrainResults};
+use crate::report::{per_sec, Kind, Machine, Meta, Report, VERSION};
 use crate::run::new_run;
 use crate::verifier::Location;
 use crate::writer::{self, sql as wsql, EVENT_TYPE, RUN_HEADER};
@@ -57,33 +58,6 @@ pub const LABELS: Labels = Labels {
     p99: false,
 };
 
-#[derive(Debug, Serialize)]
-pub struct DrainResults {
-    pub events: u64,
-    /// Loading the backlog (no engine running).
-    pub load_secs: f64,
-    pub load_eps: f64,
-    pub analyze_secs: f64,
-    /// The outbox was empty before the timeout.
-    pub drained: bool,
-    /// From starting the engine nodes to an empty outbox.
-    pub drain_secs: f64,
-    /// `events / drain_secs`.
-    pub drain_eps: f64,
-    /// Unique events consumed afterwards.
-    pub delivered: u64,
-    pub lost: u64,
-    pub duplicates: u64,
-    pub consumer_rereads: u64,
-    pub order_violations: u64,
-    pub malformed: u64,
-    /// Consuming the topics afterwards.
-    pub verify_secs: f64,
-    /// The nodes stopped cleanly on SIGTERM.
-    pub engine_stopped_cleanly: bool,
-    pub topics_deleted: bool,
-}
-
 /// What the drain needs besides its config.
 pub struct Options<'a> {
     pub engine: &'a Engine,
@@ -96,26 +70,24 @@ pub async fn run(
     config: DrainConfig,
     opts: Options<'_>,
     meta: Meta,
-) -> Result<(Report<DrainConfig, DrainResults>, Finished)> {
+) -> Result<Report<DrainConfig, DrainResults>> {
     let (run_id, started_at_unix_ms) = new_run();
     let schema = config.schema.clone();
     opts.engine
         .migrate(database_url, &schema, config.partitions)
         .await?;
-    let mut admin = writer::connect(database_url).await?;
+    let db = EngineDb::connect(database_url, &schema).await?;
     let postgres_version: String = sqlx::query_scalar(wsql::SERVER_VERSION)
-        .fetch_one(&mut admin)
+        .fetch_one(db.pool())
         .await?;
-    let live: i64 = sqlx::query_scalar(&wsql::live_nodes(&schema))
-        .fetch_one(&mut admin)
-        .await?;
-    if live > 0 {
-        bail!("{live} engine node(s) are running on {schema}; the drain starts its own");
+    let before = db.status().await?;
+    if !before.nodes.is_empty() {
+        bail!(
+            "{} engine node(s) are running on {schema}; the drain starts its own",
+            before.nodes.len()
+        );
     }
-    let pending: bool = sqlx::query_scalar(&wsql::outbox_not_empty(&schema))
-        .fetch_one(&mut admin)
-        .await?;
-    if pending {
+    if before.total_pending() > 0 {
         bail!("{schema}.outbox is not empty; the drain needs an empty outbox to load its backlog into");
     }
     let kafka_admin = kafka::admin(&config.kafka_brokers)?;
@@ -132,15 +104,12 @@ pub async fn run(
     let load_secs = load_start.elapsed().as_secs_f64();
     let analyze_start = Instant::now();
     sqlx::raw_sql(&sql::analyze(&schema))
-        .execute(&mut admin)
+        .execute(db.pool())
         .await
         .context("analyze")?;
     let analyze_secs = analyze_start.elapsed().as_secs_f64();
-    let loaded: i64 = sqlx::query_scalar(&sql::count(&schema))
-        .fetch_one(&mut admin)
-        .await?;
-    if loaded != config.events as i64 {
-        bail!("loaded {loaded} rows, expected {}", config.events);
+    if let Err(e) = check_backlog(&db.status().await?, config.events) {
+        bail!("after loading the backlog: {e}");
     }
     eprintln!(
         "loadgen: loaded in {load_secs:.1} s ({:.0} events/s), analyze {analyze_secs:.1} s; starting {} engine node(s)",
@@ -167,14 +136,12 @@ pub async fn run(
     let clock = Clock::start();
     let progress_stop = CancellationToken::new();
     let progress = progress::spawn(Arc::clone(&counters), clock, progress_stop.clone(), LABELS);
+    let published_before = db.published().await?;
     let mut cluster = opts.engine.start(&spec)?;
     let timeout = Duration::from_secs_f64(config.timeout_secs);
     let mut polls = 0u64;
     let drained = loop {
-        let pending: bool = sqlx::query_scalar(&wsql::outbox_not_empty(&schema))
-            .fetch_one(&mut admin)
-            .await?;
-        if !pending {
+        if !db.any_pending().await? {
             break true;
         }
         if let Err(e) = cluster.check_running() {
@@ -185,15 +152,10 @@ pub async fn run(
             break false;
         }
         polls += 1;
-        if polls % 5 == 0 {
-            let live: i64 = sqlx::query_scalar(sql::LIVE_ROWS)
-                .bind(&schema)
-                .fetch_one(&mut admin)
-                .await?;
-            let left = (live.max(0) as u64).min(config.events);
-            counters
-                .delivered
-                .store(config.events - left, Ordering::Relaxed);
+        if polls.is_multiple_of(5) {
+            let published = db.published().await?;
+            let done = ((published - published_before).max(0) as u64).min(config.events);
+            counters.delivered.store(done, Ordering::Relaxed);
         }
         tokio::time::sleep(EMPTY_POLL).await;
     };
@@ -212,7 +174,7 @@ pub async fn run(
     if let Err(e) = &stopped {
         eprintln!("loadgen: {e:#}");
     }
-    admin.close().await.ok();
+    db.close().await;
 
     eprintln!("loadgen: consuming the topics to count what arrived");
     let verify_start = Instant::now();
@@ -260,10 +222,10 @@ pub async fn run(
         engine_stopped_cleanly: stopped.is_ok(),
         topics_deleted,
     };
-    let report = Report {
-        kind: "drain",
+    let mut report = Report {
+        kind: Kind::Drain,
         name: meta.name.unwrap_or_else(|| "drain".into()),
-        loadgen_version: env!("CARGO_PKG_VERSION"),
+        loadgen_version: VERSION.into(),
         run_id,
         started_at_unix_ms,
         config,
@@ -271,48 +233,11 @@ pub async fn run(
         machine: Machine::probe(postgres_version, meta.broker),
         results,
         timeseries: samples,
+        failures: Vec::new(),
+        histograms: Vec::new(),
     };
-    let mut finished = Finished::new(&report, markdown(&report))?;
-    finished.failures = failures(&report.results, report.config.timeout_secs);
-    let title = |what: &str| format!("{what}: {}", report.name);
-    finished.chart(
-        "throughput",
-        &charts::throughput(
-            &title("drain rate"),
-            &report.timeseries,
-            None,
-            Some("relayed/s (estimate)"),
-        ),
-    );
-    finished.chart(
-        "lag",
-        &charts::lag(
-            &title("backlog left in the outbox"),
-            &report.timeseries,
-            "events left (estimate)",
-        ),
-    );
-    Ok((report, finished))
-}
-
-fn failures(r: &DrainResults, timeout_secs: f64) -> Vec<String> {
-    let mut out = Vec::new();
-    if !r.drained {
-        out.push(format!("the outbox was not empty after {timeout_secs} s"));
-    }
-    if r.lost > 0 {
-        out.push(format!(
-            "{} of {} events were not received",
-            r.lost, r.events
-        ));
-    }
-    if r.order_violations > 0 {
-        out.push(format!(
-            "{} events arrived out of order for their aggregate",
-            r.order_violations
-        ));
-    }
-    out
+    report.failures = failed_checks(&report.results, report.config.timeout_secs);
+    Ok(report)
 }
 
 /// Loads the backlog: connection `c` of `w` inserts rows `g ≡ c (mod w)`,
@@ -463,51 +388,4 @@ fn consume(
         }
     }
     Ok(census)
-}
-
-fn markdown(report: &Report<DrainConfig, DrainResults>) -> String {
-    let c = &report.config;
-    let r = &report.results;
-    let mut s = format!("# loadgen drain `{}` ({})\n\n", report.name, report.run_id);
-    s.push_str(&format!(
-        "A backlog of {} events (~{} B payloads, {} aggregates) loaded with no engine running, \
-         then {} engine node(s) on {} outbox partitions started from a standing start.\n\n",
-        c.events, c.payload_bytes, c.aggregates, c.nodes, c.partitions
-    ));
-    let rows = [
-        ("events", r.events.to_string()),
-        (
-            "drain: engine start → outbox empty (s)",
-            format!("{:.2}", r.drain_secs),
-        ),
-        ("drain rate (events/s)", format!("{:.0}", r.drain_eps)),
-        ("drained before the timeout", r.drained.to_string()),
-        (
-            "delivered (unique, counted by consuming)",
-            r.delivered.to_string(),
-        ),
-        ("lost", r.lost.to_string()),
-        ("duplicates", r.duplicates.to_string()),
-        ("consumer re-reads", r.consumer_rereads.to_string()),
-        ("order violations", r.order_violations.to_string()),
-        ("malformed", r.malformed.to_string()),
-        (
-            "load (s, events/s)",
-            format!("{:.1}, {:.0}", r.load_secs, r.load_eps),
-        ),
-        ("analyze (s)", format!("{:.1}", r.analyze_secs)),
-        ("counting by consuming (s)", format!("{:.1}", r.verify_secs)),
-        (
-            "engine stopped cleanly",
-            r.engine_stopped_cleanly.to_string(),
-        ),
-    ];
-    s.push_str(&table(&rows));
-    s.push_str(
-        "\nThe charts' rates come from `pg_stat_user_tables.n_live_tup`, an estimate that lags \
-         up to a second; the drain time is exact (polled every 200 ms).\n\n\
-         ![drain rate](throughput.svg)\n![backlog](lag.svg)\n",
-    );
-    s.push_str(&format!("\nMachine: {}\n", report.machine.line()));
-    s
 }

@@ -4,7 +4,6 @@
 //! no plotting library (plotters would bring fonts and image codecs).
 
 pub mod axis;
-pub mod charts;
 pub mod svg;
 
 use axis::{label, percentile_label, ticks, Ticks};

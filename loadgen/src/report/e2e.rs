@@ -1,17 +1,15 @@
 //! Results of the runs that write transactions: end to end (`run`), and
-//! write-only (`db-ceiling`, `run --no-verify`); their summaries and the
-//! checks that make them fail.
+//! write-only (`db-ceiling`, `run --no-verify`), and the checks that make
+//! them fail.
 
-use std::fmt::Write as _;
+use serde::{Deserialize, Serialize};
 
-use serde::Serialize;
-
-use super::{table, Latency, Report};
+use super::{Latency, Report};
 use crate::cli::RunConfig;
 use crate::timeseries::LagSummary;
 use crate::verifier::{DuplicateSample, TimestampTypes};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
     /// Events in committed transactions.
     pub committed: u64,
@@ -62,10 +60,27 @@ pub struct Results {
     /// it.
     pub timestamp_types: TimestampTypes,
     pub lag: Option<LagSummary>,
+    /// With `run --inbox`: what the consumer inbox did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbox: Option<InboxResults>,
+}
+
+/// `run --inbox`: the verifier's messages claimed through the inbox.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InboxResults {
+    /// Copies delivered beyond the first of each event (published twice or
+    /// read twice): what a consumer without an inbox would apply again.
+    pub duplicates_delivered: u64,
+    /// Events the inbox let through more than once: must be 0.
+    pub applied_twice: u64,
+    /// Messages the inbox called new.
+    pub applied: u64,
+    /// Messages it skipped as already processed.
+    pub skipped: u64,
 }
 
 /// Where the commit-to-broker latency comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LatencySource {
     /// The broker's append time (topics with
@@ -78,10 +93,10 @@ pub enum LatencySource {
     ConsumerReceipt,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BrokerLatency {
     pub source: LatencySource,
-    pub description: &'static str,
+    pub description: String,
     pub latency_ms: Latency,
 }
 
@@ -92,13 +107,14 @@ impl BrokerLatency {
         if types.log_append_time > 0 && types.create_time == 0 && types.none == 0 {
             Self {
                 source: LatencySource::LogAppendTime,
-                description: "commit → broker append (LogAppendTime, ms resolution)",
+                description: "commit → broker append (LogAppendTime, ms resolution)".into(),
                 latency_ms: append,
             }
         } else {
             Self {
                 source: LatencySource::ConsumerReceipt,
-                description: "commit → consumer receipt (upper bound of commit → broker ack)",
+                description: "commit → consumer receipt (upper bound of commit → broker ack)"
+                    .into(),
                 latency_ms: receipt.clone(),
             }
         }
@@ -106,7 +122,7 @@ impl BrokerLatency {
 }
 
 /// Results of a run that only writes: no consumer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WriteResults {
     pub committed: u64,
     pub transactions: u64,
@@ -121,38 +137,10 @@ pub struct WriteResults {
     pub outbox_empty_after_secs: Option<f64>,
 }
 
-fn describe(c: &RunConfig) -> String {
-    let rate = if c.rate > 0.0 {
-        format!("{} events/s open loop", c.rate)
-    } else {
-        "as fast as possible".into()
-    };
-    format!(
-        "`{}` mode, {rate}, {} s, {} writers, {} events/tx, ~{} B payloads, \
-         {} aggregates over {}.",
-        c.mode,
-        c.duration_secs,
-        c.writers,
-        c.events_per_tx,
-        c.payload_bytes,
-        c.aggregates,
-        c.aggregate_types.join(", "),
-    )
-}
-
-fn engine_line<C, R>(r: &Report<C, R>) -> String {
-    match &r.engine {
-        Some(e) => format!(
-            "\nEngine: {} node(s), {} outbox partitions, {} ({}).\n",
-            e.nodes, e.partitions, e.version, e.binary
-        ),
-        None => String::new(),
-    }
-}
-
 impl Report<RunConfig, Results> {
-    /// Why the run failed, if it did: lost events or broken order.
-    pub fn failures(&self) -> Vec<String> {
+    /// The checks the run failed, if any: lost events, broken order, an
+    /// inbox that applied an event twice.
+    pub fn failed_checks(&self) -> Vec<String> {
         let r = &self.results;
         let mut out = Vec::new();
         if r.lost > 0 {
@@ -161,6 +149,20 @@ impl Report<RunConfig, Results> {
                 r.lost, r.committed, self.config.drain_timeout_secs
             ));
         }
+        if let Some(i) = &r.inbox {
+            if i.applied_twice > 0 {
+                out.push(format!(
+                    "the inbox applied {} events twice",
+                    i.applied_twice
+                ));
+            }
+            if i.applied != r.delivered {
+                out.push(format!(
+                    "the inbox applied {} events, {} distinct events were delivered",
+                    i.applied, r.delivered
+                ));
+            }
+        }
         if r.order_violations > 0 {
             out.push(format!(
                 "{} events arrived out of order for their aggregate",
@@ -168,124 +170,6 @@ impl Report<RunConfig, Results> {
             ));
         }
         out
-    }
-
-    pub fn markdown(&self) -> String {
-        let r = &self.results;
-        let mut s = format!(
-            "# loadgen {} `{}` ({})\n\n",
-            self.kind, self.name, self.run_id
-        );
-        let _ = writeln!(s, "{}", describe(&self.config));
-        s.push_str(&engine_line(self));
-        s.push('\n');
-        let lag = match &r.lag {
-            Some(l) => format!(
-                "max {}, {} at end of load, growth {:.0}/s: {}",
-                l.max,
-                l.at_end_of_load,
-                l.growth_eps,
-                if l.bounded { "bounded" } else { "NOT bounded" }
-            ),
-            None => "–".into(),
-        };
-        let t = r.timestamp_types;
-        let rows = [
-            ("committed events", r.committed.to_string()),
-            ("transactions", r.transactions.to_string()),
-            ("delivered (unique)", r.delivered.to_string()),
-            ("lost", r.lost.to_string()),
-            ("duplicates", r.duplicates.to_string()),
-            ("consumer re-reads", r.consumer_rereads.to_string()),
-            ("order violations", r.order_violations.to_string()),
-            ("unexpected", r.unexpected.to_string()),
-            ("drain complete", r.drain_complete.to_string()),
-            (
-                "commit rate (events/s)",
-                format!("{:.0}", r.commit_rate_eps),
-            ),
-            ("throughput (events/s)", format!("{:.0}", r.throughput_eps)),
-            ("lag (events)", lag),
-            (
-                "latency commit→receive ms (p50 / p99 / p99.9 / max)",
-                r.latency_ms.cells(),
-            ),
-            (
-                "latency to broker ms (p50 / p99 / p99.9 / max)",
-                format!(
-                    "{}: {}",
-                    r.broker_latency.description,
-                    r.broker_latency.latency_ms.cells()
-                ),
-            ),
-            (
-                "latency intended→receive ms (p50 / p99 / p99.9 / max)",
-                r.latency_from_intended_ms.cells(),
-            ),
-            (
-                "transaction ms (p50 / p99 / p99.9 / max)",
-                r.tx_latency_ms.cells(),
-            ),
-            (
-                "message timestamps (log append / create / none)",
-                format!("{} / {} / {}", t.log_append_time, t.create_time, t.none),
-            ),
-            (
-                "write / delivery / drain s",
-                format!(
-                    "{:.2} / {:.2} / {:.2}",
-                    r.write_secs, r.delivery_secs, r.drain_secs
-                ),
-            ),
-        ];
-        s.push_str(&table(&rows));
-        if let Some(d) = r.duplicate_samples.first() {
-            let _ = writeln!(
-                s,
-                "\nFirst duplicate: event {} (aggregate {}) at partition {} offset {}, again at partition {} offset {}.",
-                d.id, d.key, d.first.partition, d.first.offset, d.again.partition, d.again.offset
-            );
-        }
-        s.push_str(CHARTS);
-        let _ = writeln!(s, "\nMachine: {}", self.machine.line());
-        s
-    }
-}
-
-const CHARTS: &str = "\n![throughput](throughput.svg)\n![lag](lag.svg)\n![latency](latency.svg)\n";
-
-impl Report<RunConfig, WriteResults> {
-    pub fn markdown(&self) -> String {
-        let r = &self.results;
-        let mut s = format!(
-            "# loadgen {} `{}` ({})\n\n",
-            self.kind, self.name, self.run_id
-        );
-        let _ = writeln!(s, "{}", describe(&self.config));
-        s.push_str(&engine_line(self));
-        s.push('\n');
-        let rows = [
-            ("committed events", r.committed.to_string()),
-            ("transactions", r.transactions.to_string()),
-            (
-                "commit rate (events/s)",
-                format!("{:.0}", r.commit_rate_eps),
-            ),
-            (
-                "transaction ms (p50 / p99 / p99.9 / max)",
-                r.tx_latency_ms.cells(),
-            ),
-            ("write s", format!("{:.2}", r.write_secs)),
-            (
-                "outbox empty after the last commit (s)",
-                r.outbox_empty_after_secs
-                    .map_or("–".into(), |x| format!("{x:.2}")),
-            ),
-        ];
-        s.push_str(&table(&rows));
-        s.push_str("\n![throughput](throughput.svg)\n![latency](latency.svg)\n");
-        let _ = writeln!(s, "\nMachine: {}", self.machine.line());
-        s
     }
 }
 

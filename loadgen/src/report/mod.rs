@@ -1,30 +1,74 @@
-//! What a run leaves behind. Every kind of run (e2e, db ceiling, broker
-//! ceiling, drain) writes the same envelope into `report.json` (kind,
-//! config, engine setup, machine, results, `timeseries`) beside a
-//! `summary.md`, one `.hgrm` per latency histogram and SVG charts.
+//! What a measurement leaves behind: the data of `report.json`, the
+//! boundary between measuring and rendering. Every kind of run (e2e,
+//! write-only, broker ceiling, drain) writes the same envelope: kind,
+//! config, engine setup, machine, results, `timeseries`, the checks it
+//! failed and its latency histograms. Everything else a run writes
+//! (`summary.md`, `.hgrm`, SVG charts) is drawn from it by
+//! [`crate::render`], and it reads back into the same types
+//! ([`AnyReport::from_json`]), so those files can be drawn again without
+//! measuring again.
 
+pub mod broker;
+pub mod drain;
 pub mod e2e;
+pub mod histogram;
 
-use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::hgrm;
-use crate::nodes::EngineSetup;
-use crate::plot::Chart;
+use crate::cli::{BrokerConfig, DrainConfig, RunConfig};
 use crate::timeseries::Sample;
+use broker::BrokerResults;
+use drain::DrainResults;
+use e2e::{Results, WriteResults};
+use histogram::Recorded;
+
+/// loadgen's version, as reports record it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The report's file name in a run's directory.
+pub const REPORT_JSON: &str = "report.json";
+
+/// Which measurement a report holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// `loadgen run`: end to end, verified.
+    E2e,
+    /// `loadgen run --no-verify`: the writers with an engine relaying.
+    E2eUnverified,
+    DbCeiling,
+    BrokerCeiling,
+    Drain,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::E2e => "e2e",
+            Kind::E2eUnverified => "e2e-unverified",
+            Kind::DbCeiling => "db-ceiling",
+            Kind::BrokerCeiling => "broker-ceiling",
+            Kind::Drain => "drain",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// The envelope of every `report.json`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report<C, R> {
-    /// `e2e`, `e2e-unverified`, `db-ceiling`, `broker-ceiling` or `drain`.
-    pub kind: &'static str,
+    pub kind: Kind,
     pub name: String,
-    pub loadgen_version: &'static str,
+    pub loadgen_version: String,
     pub run_id: String,
     pub started_at_unix_ms: u64,
     pub config: C,
@@ -36,6 +80,125 @@ pub struct Report<C, R> {
     /// One sample a second; see [`crate::timeseries`] for what the fields
     /// mean for each kind.
     pub timeseries: Vec<Sample>,
+    /// Why the run failed its checks (lost events, broken order, an
+    /// engine node that did not stop cleanly...); empty when it passed.
+    /// Reports written before this was recorded read as empty.
+    #[serde(default)]
+    pub failures: Vec<String>,
+    /// The latency histograms, whole, in the order their files and
+    /// curves are drawn. Empty in reports written before they were kept.
+    #[serde(default)]
+    pub histograms: Vec<Recorded>,
+}
+
+impl<C, R> Report<C, R> {
+    /// Records `h` as histogram `name`.
+    pub fn record(&mut self, name: &str, h: &Histogram<u64>) -> Result<()> {
+        self.histograms.push(Recorded::new(name, h)?);
+        Ok(())
+    }
+}
+
+/// A report of any kind, as read from a `report.json`.
+#[derive(Debug, Clone)]
+pub enum AnyReport {
+    E2e(Box<Report<RunConfig, Results>>),
+    /// `db-ceiling` and `e2e-unverified`.
+    WriteOnly(Box<Report<RunConfig, WriteResults>>),
+    Broker(Box<Report<BrokerConfig, BrokerResults>>),
+    Drain(Box<Report<DrainConfig, DrainResults>>),
+}
+
+/// `$f` applied to the report inside, whatever its kind.
+macro_rules! each {
+    ($any:expr, $r:ident => $f:expr) => {
+        match $any {
+            AnyReport::E2e($r) => $f,
+            AnyReport::WriteOnly($r) => $f,
+            AnyReport::Broker($r) => $f,
+            AnyReport::Drain($r) => $f,
+        }
+    };
+}
+
+impl AnyReport {
+    /// Parses a `report.json`, its `kind` telling which results it holds.
+    pub fn from_json(text: &str) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Head {
+            kind: Kind,
+        }
+        let head: Head = serde_json::from_str(text).context("reading the report's kind")?;
+        Ok(match head.kind {
+            Kind::E2e => Self::E2e(Box::new(serde_json::from_str(text)?)),
+            Kind::E2eUnverified | Kind::DbCeiling => {
+                Self::WriteOnly(Box::new(serde_json::from_str(text)?))
+            }
+            Kind::BrokerCeiling => Self::Broker(Box::new(serde_json::from_str(text)?)),
+            Kind::Drain => Self::Drain(Box::new(serde_json::from_str(text)?)),
+        })
+    }
+
+    /// `<dir>/report.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(REPORT_JSON);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Self::from_json(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// The text of `report.json`.
+    pub fn to_json(&self) -> Result<String> {
+        Ok(each!(self, r => serde_json::to_string_pretty(r))? + "\n")
+    }
+
+    pub fn kind(&self) -> Kind {
+        each!(self, r => r.kind)
+    }
+
+    pub fn name(&self) -> &str {
+        each!(self, r => &r.name)
+    }
+
+    pub fn failures(&self) -> &[String] {
+        each!(self, r => &r.failures)
+    }
+
+    pub fn failures_mut(&mut self) -> &mut Vec<String> {
+        each!(self, r => &mut r.failures)
+    }
+
+    pub fn histograms(&self) -> &[Recorded] {
+        each!(self, r => &r.histograms)
+    }
+
+    pub fn timeseries(&self) -> &[Sample] {
+        each!(self, r => &r.timeseries)
+    }
+}
+
+impl From<Report<RunConfig, Results>> for AnyReport {
+    fn from(r: Report<RunConfig, Results>) -> Self {
+        Self::E2e(Box::new(r))
+    }
+}
+
+impl From<Report<RunConfig, WriteResults>> for AnyReport {
+    fn from(r: Report<RunConfig, WriteResults>) -> Self {
+        Self::WriteOnly(Box::new(r))
+    }
+}
+
+impl From<Report<BrokerConfig, BrokerResults>> for AnyReport {
+    fn from(r: Report<BrokerConfig, BrokerResults>) -> Self {
+        Self::Broker(Box::new(r))
+    }
+}
+
+impl From<Report<DrainConfig, DrainResults>> for AnyReport {
+    fn from(r: Report<DrainConfig, DrainResults>) -> Self {
+        Self::Drain(Box::new(r))
+    }
 }
 
 /// Who ran a measurement, where, and what to call it.
@@ -47,17 +210,30 @@ pub struct Meta {
     pub broker: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// What the report records about the engine loadgen ran.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EngineSetup {
+    pub binary: String,
+    pub version: String,
+    pub nodes: usize,
+    pub partitions: u32,
+    pub topic_prefix: String,
+    pub topic_partitions: i32,
+    /// Extra `outbox run` flags.
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub cores: usize,
     pub cpu_model: String,
     pub os: String,
     pub kernel: String,
     pub postgres_version: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker: Option<String>,
     pub rustc: String,
-    pub loadgen_version: &'static str,
+    pub loadgen_version: String,
 }
 
 impl Machine {
@@ -84,21 +260,8 @@ impl Machine {
             postgres_version,
             broker,
             rustc: command_line("rustc", &["--version"]).unwrap_or_else(|| "unknown".into()),
-            loadgen_version: env!("CARGO_PKG_VERSION"),
+            loadgen_version: VERSION.into(),
         }
-    }
-
-    /// One line for summaries.
-    pub fn line(&self) -> String {
-        let mut s = format!(
-            "{} cores, {}, {} {}; {}",
-            self.cores, self.cpu_model, self.os, self.kernel, self.postgres_version
-        );
-        if let Some(b) = &self.broker {
-            let _ = write!(s, "; broker {b}");
-        }
-        let _ = write!(s, "; {}; loadgen {}.", self.rustc, self.loadgen_version);
-        s
     }
 }
 
@@ -114,7 +277,7 @@ pub fn command_line(program: &str, args: &[&str]) -> Option<String> {
 }
 
 /// Quantiles of a microsecond histogram, in milliseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latency {
     pub count: u64,
     pub p50: f64,
@@ -136,14 +299,6 @@ impl Latency {
             mean: h.mean().round() / 1000.0,
         }
     }
-
-    /// `p50 / p99 / p99.9 / max` for tables.
-    pub fn cells(&self) -> String {
-        format!(
-            "{:.2} / {:.2} / {:.2} / {:.2}",
-            self.p50, self.p99, self.p999, self.max
-        )
-    }
 }
 
 /// `n` per `secs`, or 0 for an empty interval.
@@ -152,70 +307,6 @@ pub fn per_sec(n: u64, secs: f64) -> f64 {
         n as f64 / secs
     } else {
         0.0
-    }
-}
-
-/// A two-column Markdown table.
-pub fn table(rows: &[(&str, String)]) -> String {
-    let mut s = String::from("| metric | value |\n|---|---|\n");
-    for (k, v) in rows {
-        let _ = writeln!(s, "| {k} | {v} |");
-    }
-    s
-}
-
-/// Everything a finished run writes, and what makes it fail.
-#[derive(Debug, Default)]
-pub struct Finished {
-    pub json: String,
-    pub markdown: String,
-    /// `.hgrm` and `.svg` files: (file name, contents).
-    pub files: Vec<(String, String)>,
-    /// Why the run failed its checks (lost events, broken order...).
-    pub failures: Vec<String>,
-}
-
-impl Finished {
-    pub fn new<C: Serialize, R: Serialize>(
-        report: &Report<C, R>,
-        markdown: String,
-    ) -> Result<Self> {
-        Ok(Self {
-            json: serde_json::to_string_pretty(report)? + "\n",
-            markdown,
-            ..Self::default()
-        })
-    }
-
-    /// Adds `<stem>.hgrm`.
-    pub fn hgrm(&mut self, stem: &str, h: &Histogram<u64>) {
-        self.files
-            .push((format!("{stem}.hgrm"), hgrm::percentile_distribution(h)));
-    }
-
-    /// Adds `<stem>.svg`.
-    pub fn chart(&mut self, stem: &str, chart: &Chart) {
-        self.files.push((format!("{stem}.svg"), chart.to_svg()));
-    }
-
-    /// Writes `report.json`, `summary.md` and the other files into `dir`,
-    /// creating it.
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let files = [("report.json", &self.json), ("summary.md", &self.markdown)]
-            .into_iter()
-            .chain(self.files.iter().map(|(n, c)| (n.as_str(), c)));
-        for (name, contents) in files {
-            let path = dir.join(name);
-            std::fs::write(&path, contents)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-        Ok(())
-    }
-
-    /// The file names written besides report.json and summary.md.
-    pub fn file_names(&self) -> Vec<&str> {
-        self.files.iter().map(|(n, _)| n.as_str()).collect()
     }
 }
 
@@ -242,37 +333,15 @@ mod tests {
     }
 
     #[test]
-    fn finished_runs_write_their_files() {
-        let dir = std::env::temp_dir().join(format!("loadgen-report-{}", std::process::id()));
-        let report = Report {
-            kind: "e2e",
-            name: "t".into(),
-            loadgen_version: "0",
-            run_id: "r".into(),
-            started_at_unix_ms: 0,
-            config: (),
-            engine: None,
-            machine: Machine::probe("PostgreSQL 15".into(), Some("tansu".into())),
-            results: serde_json::json!({"committed": 1}),
-            timeseries: vec![],
-        };
-        let mut f = Finished::new(&report, "# t\n".into()).expect("json");
-        let mut h = Histogram::<u64>::new(3).unwrap();
-        h.record(5).unwrap();
-        f.hgrm("latency", &h);
-        f.chart(
-            "lag",
-            &Chart::new("lag", "s", "events", crate::plot::XAxis::Linear),
-        );
-        f.write(&dir).expect("written");
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap())
-                .unwrap();
-        assert_eq!(json["results"]["committed"], 1);
-        assert_eq!(json["machine"]["broker"], "tansu");
-        assert!(json["timeseries"].is_array());
-        assert!(dir.join("latency.hgrm").exists() && dir.join("lag.svg").exists());
-        assert_eq!(f.file_names(), ["latency.hgrm", "lag.svg"]);
-        std::fs::remove_dir_all(&dir).ok();
+    fn kinds_are_written_as_before() {
+        for k in [
+            Kind::E2e,
+            Kind::E2eUnverified,
+            Kind::DbCeiling,
+            Kind::BrokerCeiling,
+            Kind::Drain,
+        ] {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
     }
 }

@@ -2,12 +2,14 @@
 //! planned measurement ([`plan`]): a fresh database, `outbox migrate`,
 //! engine nodes started and stopped by loadgen where the measurement needs
 //! them, the measurement, its files under `<results>/<date>-<name>/`, its
-//! topics deleted. Then the targets ([`targets`]) and a regenerated
-//! `<results>/README.md` ([`readme`]) with `suite.json` beside it.
+//! topics deleted. Then the targets ([`targets`]), the suite's record
+//! `<results>/suite.json` ([`record`]) and the `<results>/README.md` drawn
+//! from it ([`readme`]).
 
 pub mod db;
 pub mod plan;
 pub mod readme;
+pub mod record;
 pub mod targets;
 
 use std::path::PathBuf;
@@ -15,8 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
-use serde::Serialize;
+use anyhow::Result;
 use sqlx::Connection;
 
 use outbox_engine::config::redact_url;
@@ -24,13 +25,16 @@ use outbox_engine::config::redact_url;
 use crate::broker;
 use crate::cli::{BrokerConfig, DrainConfig, Mode, RunArgs, RunConfig, SuiteConfig};
 use crate::drain;
+use crate::engine_state::{self, EngineDb};
 use crate::kafka;
 use crate::nodes::{Engine, NodeSpec};
-use crate::report::{command_line, Finished, Machine, Meta};
+use crate::render;
+use crate::report::{command_line, AnyReport, Machine, Meta, Report};
 use crate::run::{self, WriteOnly};
 use crate::writer::{self, sql as wsql};
 use plan::{Durations, Planned, Shape, Step, Workload};
-use targets::{Measured, RunSummary, Target};
+pub use record::{Record, README_MD, SUITE_JSON};
+use targets::{Measured, RunSummary};
 
 /// Schema of the outbox in the bench database.
 const SCHEMA: &str = "public";
@@ -122,6 +126,7 @@ impl Ctx<'_> {
             mode: Mode::Api,
             drain_timeout: DRAIN_TIMEOUT_SECS,
             no_verify: false,
+            inbox: false,
             report: crate::cli::ReportArgs {
                 name: Some(name.into()),
                 ..Default::default()
@@ -228,74 +233,36 @@ pub async fn run(database_url: &str, config: SuiteConfig) -> Result<Outcome> {
         failed: runs.iter().filter(|r| !r.failures.is_empty()).count(),
     };
     let partial = !config.only.is_empty() || interrupted.load(Ordering::Relaxed);
-    let context = readme::Context {
+    let record = Record {
         generated_at: format!("{date} {time} UTC"),
         quick: config.quick,
         minutes: started.elapsed().as_secs_f64() / 60.0,
-        machine: Machine::probe(postgres_version, Some(config.broker_label.clone())),
         engine_version: ctx.engine.version.clone(),
         git: git_state(),
         writers: config.writers,
         engine_args: config.engine_args.clone(),
+        machine: Machine::probe(postgres_version, Some(config.broker_label.clone())),
+        runs,
+        targets,
     };
-    let text = readme::readme(&context, &runs, &targets);
     if partial {
         eprintln!("\nsuite: a partial run (--only or interrupted): README.md left as it was\n");
-        print!("{text}");
+        print!("{}", readme::readme(&record));
     } else {
-        write_summary(&config.results_dir, &text, &context, &runs, &targets)?;
+        record.write(&config.results_dir)?;
         eprintln!(
-            "\nsuite: wrote {}/README.md and suite.json in {:.1} min",
+            "\nsuite: wrote {}/suite.json and README.md in {:.1} min",
             config.results_dir.display(),
-            context.minutes
+            record.minutes
         );
     }
-    for t in &targets {
+    for t in &record.targets {
         eprintln!(
             "suite: target {:?}: {} — {}",
             t.status, t.target, t.measured
         );
     }
     Ok(outcome)
-}
-
-#[derive(Serialize)]
-struct SuiteJson<'a> {
-    generated_at: &'a str,
-    quick: bool,
-    minutes: f64,
-    engine_version: &'a str,
-    git: &'a str,
-    machine: &'a Machine,
-    runs: &'a [RunSummary],
-    targets: &'a [Target],
-}
-
-fn write_summary(
-    dir: &std::path::Path,
-    readme_text: &str,
-    c: &readme::Context,
-    runs: &[RunSummary],
-    targets: &[Target],
-) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let readme_path = dir.join("README.md");
-    std::fs::write(&readme_path, readme_text)
-        .with_context(|| format!("writing {}", readme_path.display()))?;
-    let json = serde_json::to_string_pretty(&SuiteJson {
-        generated_at: &c.generated_at,
-        quick: c.quick,
-        minutes: c.minutes,
-        engine_version: &c.engine_version,
-        git: &c.git,
-        machine: &c.machine,
-        runs,
-        targets,
-    })?;
-    let json_path = dir.join("suite.json");
-    std::fs::write(&json_path, json + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    Ok(())
 }
 
 /// `abc1234` or `abc1234 (with uncommitted changes)`.
@@ -362,12 +329,12 @@ async fn step(ctx: &Ctx<'_>, p: &Planned) -> RunSummary {
         failures: Vec::new(),
     };
     match measure(ctx, p).await {
-        Ok((measured, finished)) => {
-            if let Err(e) = finished.write(&out) {
+        Ok((measured, report)) => {
+            if let Err(e) = render::write_run(&out, &report) {
                 summary.error = Some(format!("{e:#}"));
             }
             summary.measured = Some(measured);
-            summary.failures = finished.failures;
+            summary.failures = report.failures().to_vec();
         }
         Err(e) => summary.error = Some(format!("{e:#}")),
     }
@@ -375,7 +342,7 @@ async fn step(ctx: &Ctx<'_>, p: &Planned) -> RunSummary {
     summary
 }
 
-async fn measure(ctx: &Ctx<'_>, p: &Planned) -> Result<(Measured, Finished)> {
+async fn measure(ctx: &Ctx<'_>, p: &Planned) -> Result<(Measured, AnyReport)> {
     let name = p.name.as_str();
     match p.step {
         Step::BrokerCeiling { payload_bytes } => {
@@ -390,15 +357,15 @@ async fn measure(ctx: &Ctx<'_>, p: &Planned) -> Result<(Measured, Finished)> {
                 topic_partitions: TOPIC_PARTITIONS,
                 keep_topics: true, // the suite deletes them
             };
-            let (report, finished) = broker::run(config, ctx.meta(name)).await?;
-            let r = report.results;
+            let report = broker::run(config, ctx.meta(name)).await?;
+            let r = &report.results;
             Ok((
                 Measured::BrokerCeiling {
                     acked_per_sec: r.acked_per_sec,
-                    ack_latency_ms: r.ack_latency_ms,
+                    ack_latency_ms: r.ack_latency_ms.clone(),
                     failed: r.failed,
                 },
-                finished,
+                report.into(),
             ))
         }
         Step::DbCeiling {
@@ -407,15 +374,15 @@ async fn measure(ctx: &Ctx<'_>, p: &Planned) -> Result<(Measured, Finished)> {
         } => {
             ctx.fresh(partitions).await?;
             let config = ctx.run_config(workload, 0.0, p.duration_secs, name)?;
-            let (report, finished) =
+            let report =
                 run::write_only(&ctx.bench_url, config, ctx.meta(name), WriteOnly::DbCeiling)
                     .await?;
             Ok((
                 Measured::DbCeiling {
                     commit_rate_eps: report.results.commit_rate_eps,
-                    tx_latency_ms: report.results.tx_latency_ms,
+                    tx_latency_ms: report.results.tx_latency_ms.clone(),
                 },
-                finished,
+                report.into(),
             ))
         }
         Step::E2e { workload, shape } => e2e(ctx, p, workload, shape, 0.0).await,
@@ -427,17 +394,17 @@ async fn measure(ctx: &Ctx<'_>, p: &Planned) -> Result<(Measured, Finished)> {
         Step::Overhead { workload, shape } => {
             ctx.fresh(shape.partitions).await?;
             let config = ctx.run_config(workload, 0.0, p.duration_secs, name)?;
-            let (report, finished) = with_engine(ctx, shape, name, |meta| {
+            let report = with_engine(ctx, shape, name, |meta| {
                 run::write_only(&ctx.bench_url, config, meta, WriteOnly::WithEngine)
             })
             .await?;
-            let r = report.results;
+            let r = &report.results;
             Ok((
                 Measured::Overhead {
                     commit_rate_eps: r.commit_rate_eps,
                     outbox_empty_after_secs: r.outbox_empty_after_secs,
                 },
-                finished,
+                report.into(),
             ))
         }
         Step::Drain {
@@ -467,9 +434,8 @@ async fn measure(ctx: &Ctx<'_>, p: &Planned) -> Result<(Measured, Finished)> {
                 engine_args: &ctx.config.engine_args,
                 log_dir: &ctx.config.log_dir,
             };
-            let (report, finished) =
-                drain::run(&ctx.bench_url, config, opts, ctx.meta(name)).await?;
-            let r = report.results;
+            let report = drain::run(&ctx.bench_url, config, opts, ctx.meta(name)).await?;
+            let r = &report.results;
             Ok((
                 Measured::Drain {
                     drain_eps: r.drain_eps,
@@ -479,7 +445,7 @@ async fn measure(ctx: &Ctx<'_>, p: &Planned) -> Result<(Measured, Finished)> {
                     duplicates: r.duplicates,
                     order_violations: r.order_violations,
                 },
-                finished,
+                report.into(),
             ))
         }
     }
@@ -491,41 +457,41 @@ async fn e2e(
     workload: Workload,
     shape: Shape,
     rate: f64,
-) -> Result<(Measured, Finished)> {
+) -> Result<(Measured, AnyReport)> {
     ctx.fresh(shape.partitions).await?;
     let config = ctx.run_config(workload, rate, p.duration_secs, &p.name)?;
-    let (report, finished) = with_engine(ctx, shape, &p.name, |meta| {
+    let report = with_engine(ctx, shape, &p.name, |meta| {
         run::e2e(&ctx.bench_url, config, meta)
     })
     .await?;
-    let r = report.results;
+    let r = &report.results;
     Ok((
         Measured::E2e {
             throughput_eps: r.throughput_eps,
             commit_rate_eps: r.commit_rate_eps,
-            latency_ms: r.latency_ms,
-            broker_latency: r.broker_latency,
+            latency_ms: r.latency_ms.clone(),
+            broker_latency: r.broker_latency.clone(),
             lost: r.lost,
             duplicates: r.duplicates,
             order_violations: r.order_violations,
-            lag: r.lag,
+            lag: r.lag.clone(),
         },
-        finished,
+        report.into(),
     ))
 }
 
 /// Starts the nodes, waits until they hold every partition, runs `f`,
 /// and stops them whatever happened; a node that did not stop cleanly
 /// is a failure of the run.
-async fn with_engine<R, F, Fut>(
+async fn with_engine<C, R, F, Fut>(
     ctx: &Ctx<'_>,
     shape: Shape,
     name: &str,
     f: F,
-) -> Result<(R, Finished)>
+) -> Result<Report<C, R>>
 where
     F: FnOnce(Meta) -> Fut,
-    Fut: std::future::Future<Output = Result<(R, Finished)>>,
+    Fut: std::future::Future<Output = Result<Report<C, R>>>,
 {
     let prefix = ctx.prefix(name);
     let spec = NodeSpec {
@@ -544,12 +510,11 @@ where
     meta.engine = Some(ctx.engine.setup(&spec));
     let mut cluster = ctx.engine.start(&spec)?;
     let ready = async {
-        let mut conn = writer::connect(&ctx.bench_url).await?;
-        let took = cluster
-            .wait_ready(&mut conn, SCHEMA, shape.partitions, READY_TIMEOUT)
-            .await?;
-        conn.close().await.ok();
-        Ok::<_, anyhow::Error>(took)
+        let db = EngineDb::connect(&ctx.bench_url, SCHEMA).await?;
+        let took =
+            engine_state::wait_ready(&db, &mut cluster, shape.partitions, READY_TIMEOUT).await;
+        db.close().await;
+        took
     }
     .await;
     let result = match ready {
@@ -565,9 +530,9 @@ where
         Err(e) => Err(e),
     };
     let stopped = cluster.stop().await;
-    let (r, mut finished) = result?;
+    let mut report = result?;
     if let Err(e) = stopped {
-        finished.failures.push(format!("{e:#}"));
+        report.failures.push(format!("{e:#}"));
     }
-    Ok((r, finished))
+    Ok(report)
 }

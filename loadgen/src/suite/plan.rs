@@ -16,17 +16,17 @@
 //! loop (with at least 32 writers, so that the writers keep the rate), and
 //! the drain of a 5M backlog.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What a transaction writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workload {
     pub events_per_tx: usize,
     pub payload_bytes: usize,
 }
 
 /// How the engine is laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shape {
     pub partitions: u32,
     pub nodes: usize,
@@ -51,7 +51,7 @@ pub const LATENCY_EVENTS_PER_TX: usize = 10;
 /// writers on a busy 2-core machine did fall behind).
 pub const LATENCY_WRITERS: usize = 32;
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Step {
     /// The same transactions, no engine, no consumer.
@@ -78,7 +78,7 @@ pub enum Step {
 }
 
 /// A step with its name and how long it writes.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Planned {
     pub name: String,
     pub step: Step,
@@ -86,7 +86,7 @@ pub struct Planned {
 }
 
 fn bytes(b: usize) -> String {
-    if b % 1024 == 0 {
+    if b.is_multiple_of(1024) {
         format!("{}kib", b / 1024)
     } else {
         format!("{b}b")
@@ -94,9 +94,9 @@ fn bytes(b: usize) -> String {
 }
 
 fn count(n: u64) -> String {
-    if n % 1_000_000 == 0 {
+    if n.is_multiple_of(1_000_000) {
         format!("{}m", n / 1_000_000)
-    } else if n % 1_000 == 0 {
+    } else if n.is_multiple_of(1_000) {
         format!("{}k", n / 1_000)
     } else {
         n.to_string()

@@ -1,27 +1,13 @@
 //! `bench-results/README.md`: the machine, the targets, the latest
 //! results with their ratios to the ceilings, and how to reproduce them.
-//! Pure: built from the suite's summaries.
+//! Pure: drawn from the suite's record (`suite.json`).
 
 use std::fmt::Write as _;
 
 use super::plan::{self, Step};
-use super::targets::{broker_ceiling, db_ceiling, ratio, Measured, RunSummary, Status, Target};
+use super::record::Record;
+use super::targets::{broker_ceiling, db_ceiling, ratio, Measured, RunSummary, Status};
 use crate::report::e2e::LatencySource;
-use crate::report::Machine;
-
-/// What the README says besides the runs.
-#[derive(Debug, Clone)]
-pub struct Context {
-    pub generated_at: String,
-    pub quick: bool,
-    pub minutes: f64,
-    pub machine: Machine,
-    pub engine_version: String,
-    /// Commit of the work tree, and whether it had changes.
-    pub git: String,
-    pub writers: usize,
-    pub engine_args: Vec<String>,
-}
 
 /// `YYYY-MM-DD` and `HH:MM` (UTC) of a UNIX time, without a calendar
 /// library (days-from-civil inverted, after Howard Hinnant).
@@ -48,7 +34,7 @@ fn pct(r: Option<f64>) -> String {
 }
 
 fn bytes(b: usize) -> String {
-    if b % 1024 == 0 {
+    if b.is_multiple_of(1024) {
         format!("{} KiB", b / 1024)
     } else {
         format!("{b} B")
@@ -67,7 +53,8 @@ fn status(s: Status) -> &'static str {
     }
 }
 
-pub fn readme(ctx: &Context, runs: &[RunSummary], targets: &[Target]) -> String {
+pub fn readme(ctx: &Record) -> String {
+    let (runs, targets) = (&ctx.runs, &ctx.targets);
     let mut s = String::from("# Benchmark results\n\n");
     let kind = if ctx.quick {
         "the **quick suite**, short runs and a 500k drain for checking the tooling, \
@@ -334,13 +321,15 @@ Each run is in `bench-results/<date>-<name>/` (`<date>-quick-<name>` for the qui
 `report.json` (config, engine setup, machine, results, a `timeseries` sampled every
 second), `summary.md`, one `.hgrm` percentile distribution per latency histogram
 (HdrHistogram's format), and `throughput.svg`, `lag.svg`, `latency.svg`.
-`bench-results/suite.json` holds this README's data.
+`bench-results/suite.json` holds this README's data: `loadgen render bench-results` draws it
+again from there (and `loadgen render bench-results/<run>` a run's files from its `report.json`).
 ";
 
 #[cfg(test)]
 mod tests {
     use super::super::targets::{targets, tests::suite};
     use super::*;
+    use crate::report::Machine;
 
     #[test]
     fn dates_are_utc_calendar_dates() {
@@ -352,7 +341,7 @@ mod tests {
     #[test]
     fn the_readme_has_every_section_and_links_its_runs() {
         let runs = suite();
-        let ctx = Context {
+        let ctx = Record {
             generated_at: "2025-11-27 14:42 UTC".into(),
             quick: false,
             minutes: 11.5,
@@ -361,8 +350,21 @@ mod tests {
             git: "abc1234".into(),
             writers: 8,
             engine_args: vec![],
+            targets: targets(&runs),
+            runs,
         };
-        let md = readme(&ctx, &runs, &targets(&runs));
+        let md = readme(&ctx);
+        // Drawn again from its suite.json, the README is the same.
+        let json = serde_json::to_string_pretty(&ctx).unwrap();
+        let read: Record = serde_json::from_str(&json).expect("parses");
+        assert_eq!(readme(&read), md);
+        // A suite.json from before writers and engine args were recorded.
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        fields.remove("writers");
+        fields.remove("engine_args");
+        let old: Record = serde_json::from_value(old).expect("parses");
+        assert_eq!((old.writers, old.engine_args.len()), (8, 0));
         for section in [
             "## Machine",
             "## Targets",

@@ -2,7 +2,7 @@
 //! the targets need, and the targets themselves: each with its measured
 //! value, met or missed, and by how much. Pure.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::plan::{Step, Workload, BASE, BASE_SHAPE, LATENCY_RATE};
 use crate::report::e2e::BrokerLatency;
@@ -10,7 +10,7 @@ use crate::report::Latency;
 use crate::timeseries::LagSummary;
 
 /// The numbers kept from each run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Measured {
     DbCeiling {
@@ -47,7 +47,7 @@ pub enum Measured {
 }
 
 /// One run of the suite.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSummary {
     pub name: String,
     pub step: Step,
@@ -96,7 +96,7 @@ pub fn ratio(x: f64, ceiling: Option<f64>) -> Option<f64> {
     ceiling.filter(|c| *c > 0.0).map(|c| x / c)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Met,
@@ -104,9 +104,9 @@ pub enum Status {
     NotMeasured,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Target {
-    pub target: &'static str,
+    pub target: String,
     pub measured: String,
     pub status: Status,
     /// By how much it was missed; empty when met.
@@ -115,9 +115,9 @@ pub struct Target {
     pub run: Option<String>,
 }
 
-fn not_measured(target: &'static str, why: &str) -> Target {
+fn not_measured(target: &str, why: &str) -> Target {
     Target {
-        target,
+        target: target.into(),
         measured: why.into(),
         status: Status::NotMeasured,
         gap: String::new(),
@@ -201,7 +201,7 @@ fn sustained(runs: &[RunSummary]) -> Target {
     let bounded = lag.as_ref().is_some_and(|l| l.bounded);
     let met = tp >= SUSTAINED_EPS && ok(lost, lag);
     Target {
-        target: T,
+        target: T.into(),
         measured: format!(
             "{tp:.0} events/s, {lost} lost, lag {}",
             if bounded { "bounded" } else { "growing" }
@@ -253,7 +253,7 @@ fn latency(runs: &[RunSummary]) -> Target {
     let reached = rate >= RATE_REACHED * LATENCY_RATE;
     let met = p99 <= LATENCY_P99_MS && reached && lost == 0;
     Target {
-        target: T,
+        target: T.into(),
         measured: format!("p99 {p99:.1} ms at {rate:.0} events/s ({})", b.description),
         status: status(met),
         gap: if met {
@@ -302,7 +302,7 @@ fn overhead(runs: &[RunSummary]) -> Target {
     let r = with / without;
     let met = r >= OVERHEAD_MIN_RATIO;
     Target {
-        target: T,
+        target: T.into(),
         measured: format!("{:.0}% ({with:.0} vs {without:.0} events/s)", r * 100.0),
         status: status(met),
         gap: if met {
@@ -333,7 +333,7 @@ fn drain(runs: &[RunSummary]) -> Target {
     };
     let met = eps >= DRAIN_EPS && drained && lost == 0;
     Target {
-        target: T,
+        target: T.into(),
         measured: format!("{eps:.0} events/s over {events} events, {lost} lost"),
         status: status(met),
         gap: if met {
@@ -386,7 +386,7 @@ fn e2e_vs_db(runs: &[RunSummary]) -> Target {
     let r = tp / ceiling;
     let met = r >= E2E_MIN_DB_RATIO;
     Target {
-        target: T,
+        target: T.into(),
         measured: format!("{:.0}% ({tp:.0} vs {ceiling:.0} events/s)", r * 100.0),
         status: status(met),
         gap: if met {
@@ -444,7 +444,7 @@ pub mod tests {
                 latency_ms: latency(20.0),
                 broker_latency: BrokerLatency {
                     source: LatencySource::LogAppendTime,
-                    description: "commit → broker append",
+                    description: "commit → broker append".into(),
                     latency_ms: latency(12.0),
                 },
                 lost,

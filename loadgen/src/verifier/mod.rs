@@ -34,8 +34,10 @@ use crate::kafka::{self, CONNECT_TIMEOUT};
 use crate::progress::Counters;
 use crate::writer::{CommitBatch, RUN_HEADER};
 
+pub mod inbox;
 pub mod tally;
 
+pub use inbox::{InboxCheck, InboxCounts};
 pub use tally::{DuplicateSample, Location, Tally, TimestampTypes};
 
 /// How long the consumer polls after assigning before the load starts, so
@@ -58,6 +60,9 @@ pub struct Verifier {
     consumer: BaseConsumer,
     run_id: String,
     pub topics: Vec<TopicStart>,
+    /// With `run --inbox`: every message of the run is also claimed
+    /// through the consumer inbox.
+    pub inbox: Option<InboxCheck>,
 }
 
 /// The payload fields the verifier reads; the rest is skipped.
@@ -97,6 +102,7 @@ impl Verifier {
             consumer,
             run_id: run_id.to_string(),
             topics,
+            inbox: None,
         })
     }
 
@@ -118,7 +124,7 @@ impl Verifier {
     }
 
     fn run(
-        self,
+        mut self,
         mut commits: UnboundedReceiver<CommitBatch>,
         clock: Clock,
         counters: &Counters,
@@ -142,14 +148,14 @@ impl Verifier {
             }
             if let Some(deadline) = drain_deadline {
                 if tally.missing() == 0 {
-                    return Ok(Outcome::new(tally, true, clock.now_us()));
+                    return self.outcome(tally, true, clock);
                 }
                 if Instant::now() >= deadline {
-                    return Ok(Outcome::new(tally, false, clock.now_us()));
+                    return self.outcome(tally, false, clock);
                 }
             }
             if abort.load(Ordering::Relaxed) {
-                return Ok(Outcome::new(tally, false, clock.now_us()));
+                return self.outcome(tally, false, clock);
             }
             // Take whatever is buffered, then go back to the channel.
             let mut timeout = Duration::from_millis(20);
@@ -157,7 +163,13 @@ impl Verifier {
                 match self.consumer.poll(timeout) {
                     None => break,
                     Some(Ok(m)) => {
-                        self.handle(&m, &mut tally, clock.now_us(), counters);
+                        if let Some((id, at_ms)) =
+                            self.handle(&m, &mut tally, clock.now_us(), counters)
+                        {
+                            if let Some(inbox) = self.inbox.as_mut() {
+                                inbox.push(id, at_ms);
+                            }
+                        }
                     }
                     Some(Err(e)) => {
                         // Transport errors repeat while the broker is away;
@@ -175,6 +187,9 @@ impl Verifier {
                 }
                 timeout = Duration::ZERO;
             }
+            if let Some(inbox) = self.inbox.as_mut() {
+                inbox.flush()?;
+            }
             if last_p99.elapsed() >= Duration::from_millis(250) {
                 counters
                     .p99_us
@@ -184,8 +199,30 @@ impl Verifier {
         }
     }
 
-    fn handle(&self, m: &BorrowedMessage<'_>, tally: &mut Tally, now_us: u64, counters: &Counters) {
-        let Some(headers) = m.headers() else { return };
+    /// The last claims, then what was seen.
+    fn outcome(&mut self, tally: Tally, complete: bool, clock: Clock) -> Result<Outcome> {
+        let inbox = match self.inbox.as_mut() {
+            Some(i) => {
+                i.flush()?;
+                Some(i.counts)
+            }
+            None => None,
+        };
+        let mut outcome = Outcome::new(tally, complete, clock.now_us());
+        outcome.inbox = inbox;
+        Ok(outcome)
+    }
+
+    /// Tallies a message; returns the id and timestamp of a message of
+    /// this run, for the inbox.
+    fn handle(
+        &self,
+        m: &BorrowedMessage<'_>,
+        tally: &mut Tally,
+        now_us: u64,
+        counters: &Counters,
+    ) -> Option<(Uuid, Option<i64>)> {
+        let headers = m.headers()?;
         let mut id = None;
         let mut ours = false;
         for h in headers.iter() {
@@ -201,7 +238,7 @@ impl Verifier {
             }
         }
         if !ours {
-            return;
+            return None;
         }
         let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
         let seq = m
@@ -209,7 +246,7 @@ impl Verifier {
             .and_then(|p| serde_json::from_slice::<Seq>(p).ok());
         let (Some(id), Some(key), Some(seq)) = (id, key, seq) else {
             tally.malformed += 1;
-            return;
+            return None;
         };
         let at = Location {
             partition: m.partition(),
@@ -232,6 +269,7 @@ impl Verifier {
         if tally.on_message(id, key, seq.seq, at, now_us, append_us) {
             counters.delivered.fetch_add(1, Ordering::Relaxed);
         }
+        Some((id, m.timestamp().to_millis()))
     }
 }
 
@@ -274,6 +312,8 @@ fn settle(consumer: &BaseConsumer) {
 /// What the verifier saw.
 pub struct Outcome {
     pub tally: Tally,
+    /// With `--inbox`: what the inbox claimed.
+    pub inbox: Option<InboxCounts>,
     /// Whether every committed event arrived before the drain timeout.
     pub complete: bool,
     pub finished_us: u64,
@@ -283,6 +323,7 @@ impl Outcome {
     fn new(tally: Tally, complete: bool, finished_us: u64) -> Self {
         Self {
             tally,
+            inbox: None,
             complete,
             finished_us,
         }

@@ -25,14 +25,14 @@ pub fn latency_histogram() -> Result<Histogram<u64>> {
 pub const DUPLICATE_SAMPLES: usize = 20;
 
 /// Where a message was read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Location {
     pub partition: i32,
     pub offset: i64,
 }
 
 /// A duplicate: the event, its aggregate and both copies.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DuplicateSample {
     pub id: Uuid,
     pub key: String,
@@ -41,7 +41,7 @@ pub struct DuplicateSample {
 }
 
 /// The timestamp types of a run's messages, as the consumer saw them.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct TimestampTypes {
     pub log_append_time: u64,
     pub create_time: u64,

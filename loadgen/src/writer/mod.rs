@@ -24,6 +24,7 @@ use outbox_engine::{Enqueuer, NewEvent};
 
 use crate::cli::{Mode, RunConfig};
 use crate::clock::Clock;
+use crate::engine_state::EngineDb;
 use crate::plan::{Aggregates, Payload, Schedule};
 use crate::progress::Counters;
 
@@ -64,25 +65,16 @@ pub async fn connect(url: &str) -> Result<PgConnection> {
     }
 }
 
-/// Checks the outbox exists, creates the business table, and returns the
-/// server's version string.
-pub async fn prepare(conn: &mut PgConnection, schema: &str) -> Result<String> {
-    let exists: bool = sqlx::query_scalar(sql::OUTBOX_EXISTS)
-        .bind(format!("{schema}.outbox"))
-        .fetch_one(&mut *conn)
-        .await
-        .context("looking for the outbox table")?;
-    if !exists {
-        bail!(
-            "no table {schema}.outbox in this database; run `outbox migrate --partitions N` first"
-        );
-    }
+/// Checks the outbox is migrated (through the engine's library), creates
+/// the business table, and returns the server's version string.
+pub async fn prepare(db: &EngineDb, schema: &str) -> Result<String> {
+    db.partitions().await?;
     sqlx::raw_sql(&sql::create_orders(schema))
-        .execute(&mut *conn)
+        .execute(db.pool())
         .await
         .context("creating loadgen_orders")?;
     sqlx::query_scalar(sql::SERVER_VERSION)
-        .fetch_one(&mut *conn)
+        .fetch_one(db.pool())
         .await
         .context("reading the server version")
 }
@@ -106,9 +98,72 @@ pub struct WriterStats {
     pub last_commit_us: Option<u64>,
 }
 
+/// How a writer puts its events into the outbox, playing the
+/// application: through the engine's [`Enqueuer`] (`--mode api`, what a
+/// Rust application does), or a plain multi-row `insert into outbox`
+/// (`--mode sql`, what an application in any other language does; the
+/// engine's library has no such statement to offer, and measuring it is
+/// the point of the mode).
 enum Insert {
     Api(Enqueuer),
-    Sql(String),
+    Sql {
+        /// [`sql::insert_events`] for the run's events per transaction.
+        statement: String,
+        /// `{"loadgen_run": "<id>"}`.
+        headers_json: String,
+    },
+}
+
+/// An event of a transaction: (index of its owned aggregate, id, payload).
+type Row = (usize, Uuid, String);
+
+impl Insert {
+    /// Writes `rows` into the outbox inside the caller's transaction, in
+    /// order, in one statement.
+    async fn enqueue(
+        &self,
+        tx: &mut PgConnection,
+        owned: &[Owned],
+        rows: &[Row],
+        run_id: &str,
+    ) -> Result<(), sqlx::Error> {
+        match self {
+            Insert::Api(enqueuer) => {
+                let events: Vec<NewEvent> = rows
+                    .iter()
+                    .map(|(a, id, payload)| {
+                        let agg = &owned[*a];
+                        NewEvent::from_json(
+                            agg.aggregate_type.as_str(),
+                            agg.id.as_str(),
+                            EVENT_TYPE,
+                            payload.clone(),
+                        )
+                        .id(*id)
+                        .header(RUN_HEADER, run_id)
+                    })
+                    .collect();
+                enqueuer.enqueue(tx, &events).await
+            }
+            Insert::Sql {
+                statement,
+                headers_json,
+            } => {
+                let mut q = sqlx::query(statement);
+                for (a, id, payload) in rows {
+                    let agg = &owned[*a];
+                    q = q
+                        .bind(*id)
+                        .bind(agg.aggregate_type.as_str())
+                        .bind(agg.id.as_str())
+                        .bind(EVENT_TYPE)
+                        .bind(payload.as_str())
+                        .bind(headers_json.as_str());
+                }
+                q.execute(tx).await.map(|_| ())
+            }
+        }
+    }
 }
 
 struct Owned {
@@ -125,8 +180,6 @@ pub struct Writer {
     schedule: Schedule,
     insert: Insert,
     insert_order: String,
-    /// `{"loadgen_run": "<id>"}`, for the `sql` mode.
-    headers_json: String,
     owned: Vec<Owned>,
     payload: Payload,
     rng: StdRng,
@@ -142,7 +195,10 @@ impl Writer {
         let c = &shared.config;
         let insert = match c.mode {
             Mode::Api => Insert::Api(Enqueuer::new(&c.schema)?),
-            Mode::Sql => Insert::Sql(sql::insert_events(&c.schema, c.events_per_tx)),
+            Mode::Sql => Insert::Sql {
+                statement: sql::insert_events(&c.schema, c.events_per_tx),
+                headers_json: serde_json::json!({ RUN_HEADER: shared.run_id }).to_string(),
+            },
         };
         let a = &shared.aggregates;
         let owned = a
@@ -157,14 +213,12 @@ impl Writer {
             bail!("writer {index} owns no aggregates");
         }
         let mut rng = StdRng::from_entropy();
-        let headers_json = serde_json::json!({ RUN_HEADER: shared.run_id }).to_string();
         Ok(Self {
             index,
             conn,
             schedule: Schedule::new(c.rate, c.events_per_tx, c.writers, index, c.duration()),
             insert,
             insert_order: sql::insert_order(&c.schema),
-            headers_json,
             owned,
             payload: Payload::new(c.payload_bytes, &mut rng),
             rng,
@@ -230,8 +284,7 @@ impl Writer {
     /// One transaction: a business row and `events_per_tx` events.
     async fn transaction(&mut self, intended_us: u64) -> Result<Vec<Uuid>, sqlx::Error> {
         let k = self.shared.config.events_per_tx;
-        // (owned aggregate, event id, payload)
-        let mut rows = Vec::with_capacity(k);
+        let mut rows: Vec<Row> = Vec::with_capacity(k);
         for _ in 0..k {
             let a = self.rng.gen_range(0..self.owned.len());
             let agg = &mut self.owned[a];
@@ -251,39 +304,9 @@ impl Writer {
             .bind(amount)
             .execute(&mut *tx)
             .await?;
-        match &self.insert {
-            Insert::Api(enqueuer) => {
-                let events: Vec<NewEvent> = rows
-                    .iter()
-                    .map(|(a, id, payload)| {
-                        let agg = &self.owned[*a];
-                        NewEvent::from_json(
-                            agg.aggregate_type.as_str(),
-                            agg.id.as_str(),
-                            EVENT_TYPE,
-                            payload.clone(),
-                        )
-                        .id(*id)
-                        .header(RUN_HEADER, self.shared.run_id.as_str())
-                    })
-                    .collect();
-                enqueuer.enqueue(&mut tx, &events).await?;
-            }
-            Insert::Sql(statement) => {
-                let mut q = sqlx::query(statement);
-                for (a, id, payload) in &rows {
-                    let agg = &self.owned[*a];
-                    q = q
-                        .bind(*id)
-                        .bind(agg.aggregate_type.as_str())
-                        .bind(agg.id.as_str())
-                        .bind(EVENT_TYPE)
-                        .bind(payload.as_str())
-                        .bind(self.headers_json.as_str());
-                }
-                q.execute(&mut *tx).await?;
-            }
-        }
+        self.insert
+            .enqueue(&mut tx, &self.owned, &rows, &self.shared.run_id)
+            .await?;
         tx.commit().await?;
         Ok(rows.into_iter().map(|(_, id, _)| id).collect())
     }

@@ -1,19 +1,10 @@
-//! loadgen's SQL, each statement built once from the validated schema name.
-
-/// Whether the outbox table exists; `$1` is `<schema>.outbox`.
-pub const OUTBOX_EXISTS: &str = "select to_regclass($1) is not null";
+//! The writers' SQL, as the application under load writes it, each
+//! statement built once from the validated schema name: its business
+//! table, and the plain insert into the outbox of `--mode sql`. (What
+//! loadgen reads of the engine's own tables goes through the engine's
+//! library: [`crate::engine_state`].)
 
 pub const SERVER_VERSION: &str = "select version()";
-
-/// Engine nodes with a live heartbeat.
-pub fn live_nodes(schema: &str) -> String {
-    format!("select count(*) from {schema}.outbox_nodes where expires_at > now()")
-}
-
-/// Whether any event is still in the outbox (stops at the first row).
-pub fn outbox_not_empty(schema: &str) -> String {
-    format!("select exists(select 1 from {schema}.outbox)")
-}
 
 /// The business table every transaction writes a row to, beside its events.
 pub fn create_orders(schema: &str) -> String {

@@ -1,11 +1,85 @@
 //! The charts of a run: throughput and lag over time from its samples,
-//! latency percentile curves from its histograms.
+//! latency percentile curves from its histograms; which charts each kind
+//! of run has, and what their lines are called.
 
 use hdrhistogram::Histogram;
 
-use super::{Chart, XAxis};
 use crate::hgrm;
+use crate::plot::{Chart, XAxis};
+use crate::report::histogram as h;
+use crate::report::AnyReport;
 use crate::timeseries::Sample;
+
+/// The label of a histogram's curve in `latency.svg`.
+fn curve(name: &str) -> &str {
+    match name {
+        h::COMMIT_TO_RECEIVE => "commit → receive",
+        h::COMMIT_TO_APPEND => "commit → broker append",
+        h::INTENDED_TO_RECEIVE => "intended → receive",
+        h::TRANSACTION => "transaction",
+        h::SEND_TO_ACK => "send → ack",
+        other => other,
+    }
+}
+
+/// The charts of `report`, as (file stem, chart), in the order they are
+/// written; `histograms` are the report's, decoded. A report without
+/// histograms (written before they were kept) gets no latency chart.
+pub fn of(
+    report: &AnyReport,
+    histograms: &[(String, Histogram<u64>)],
+) -> Vec<(&'static str, Chart)> {
+    let title = |what: &str| format!("{what}: {}", report.name());
+    let ts = report.timeseries();
+    let mut out = match report {
+        AnyReport::E2e(_) => vec![
+            (
+                "throughput",
+                throughput(
+                    &title("throughput"),
+                    ts,
+                    Some("committed/s"),
+                    Some("delivered/s"),
+                ),
+            ),
+            ("lag", lag(&title("lag (committed − delivered)"), ts, "lag")),
+        ],
+        AnyReport::WriteOnly(_) => vec![(
+            "throughput",
+            throughput(&title("throughput"), ts, Some("committed/s"), None),
+        )],
+        AnyReport::Broker(_) => vec![
+            (
+                "throughput",
+                throughput(&title("throughput"), ts, Some("sent/s"), Some("acked/s")),
+            ),
+            (
+                "lag",
+                lag(&title("in flight (sent − acked)"), ts, "in flight"),
+            ),
+        ],
+        AnyReport::Drain(_) => vec![
+            (
+                "throughput",
+                throughput(&title("drain rate"), ts, None, Some("relayed/s (estimate)")),
+            ),
+            (
+                "lag",
+                lag(
+                    &title("backlog left in the outbox"),
+                    ts,
+                    "events left (estimate)",
+                ),
+            ),
+        ],
+    };
+    if !histograms.is_empty() {
+        let curves: Vec<(&str, &Histogram<u64>)> =
+            histograms.iter().map(|(n, h)| (curve(n), h)).collect();
+        out.push(("latency", latency(&title("latency"), &curves)));
+    }
+    out
+}
 
 /// Where the load stopped: the time of the last `writing` sample, if the
 /// run went on draining after it.
@@ -83,8 +157,8 @@ pub fn latency(title: &str, curves: &[(&str, &Histogram<u64>)]) -> Chart {
 
 #[cfg(test)]
 mod tests {
-    use super::super::svg::check_well_formed;
     use super::*;
+    use crate::plot::svg::check_well_formed;
     use crate::timeseries::Reading;
     use std::time::Duration;
 
