@@ -6,6 +6,10 @@
 #
 #   deploy/demo.sh                  # 2 nodes, 15 s at 5,000 events/s
 #   NODES=3 RATE=20000 DURATION=30 deploy/demo.sh
+#   SOURCE=cdc deploy/demo.sh       # the same through the CDC source: the demo
+#                                   # database on the wal_level=logical cluster
+#                                   # (CDC_DATABASE_URL), `migrate --cdc`, the
+#                                   # nodes run with OUTBOX_SOURCE=cdc
 #
 # The report lands in bench-results/demo-latest/ (not committed).
 set -euo pipefail
@@ -17,8 +21,17 @@ DURATION=${DURATION:-15}
 EVENTS_PER_TX=${EVENTS_PER_TX:-10}
 PARTITIONS=${PARTITIONS:-16}
 DEMO_DB=${DEMO_DB:-outbox_demo}
+SOURCE=${SOURCE:-poll}
+[[ $SOURCE == poll || $SOURCE == cdc ]] || { echo "demo.sh: SOURCE must be poll or cdc, not $SOURCE" >&2; exit 2; }
 
 eval "$(deploy/services.sh up)"
+if [[ $SOURCE == cdc ]]; then
+  [[ -n ${CDC_DATABASE_URL:-} ]] || { echo "demo.sh: no CDC_DATABASE_URL (services.sh started without the logical cluster?)" >&2; exit 1; }
+  # Everything on the logical cluster; a slot of the demo's own (slots are
+  # per cluster, and one holds its database: it goes before the drop below).
+  export DATABASE_URL=$CDC_DATABASE_URL OUTBOX_SOURCE=cdc
+  export OUTBOX_CDC__SLOT=${OUTBOX_CDC__SLOT:-${DEMO_DB}_slot}
+fi
 
 echo "== building (release)" >&2
 cargo build --release -p outbox-engine -p loadgen >&2
@@ -29,9 +42,16 @@ query=""
 [[ $DATABASE_URL == *\?* ]] && query="?${DATABASE_URL#*\?}"
 admin_url=$DATABASE_URL
 export DATABASE_URL="${base%/*}/${DEMO_DB}${query}"
+if [[ $SOURCE == cdc ]]; then
+  psql "$admin_url" -qAt >/dev/null -c "select pg_terminate_backend(active_pid) from pg_replication_slots
+      where database = '${DEMO_DB}' and active_pid is not null" -c "select pg_sleep(0.5)" \
+    -c "select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = '${DEMO_DB}'"
+fi
 psql "$admin_url" -qc "drop database if exists ${DEMO_DB} with (force)" -c "create database ${DEMO_DB}" >&2
 
-target/release/outbox migrate --partitions "$PARTITIONS"
+migrate_flags=()
+[[ $SOURCE == cdc ]] && migrate_flags=(--cdc)
+target/release/outbox migrate --partitions "$PARTITIONS" "${migrate_flags[@]}"
 
 prefix="demo$(date +%s)."
 # shellcheck disable=SC2317  # called by the trap
@@ -41,7 +61,7 @@ deploy/cluster.sh start --nodes "$NODES" --release -- --topic-prefix "$prefix"
 sleep 3
 target/release/outbox status
 
-echo "== load: ${RATE} events/s for ${DURATION} s, ${EVENTS_PER_TX} events per transaction, ${NODES} nodes" >&2
+echo "== load: ${RATE} events/s for ${DURATION} s, ${EVENTS_PER_TX} events per transaction, ${NODES} nodes, source ${SOURCE}" >&2
 status=0
 target/release/loadgen run --rate "$RATE" --duration "$DURATION" --writers 4 \
   --events-per-tx "$EVENTS_PER_TX" --topic-prefix "$prefix" \

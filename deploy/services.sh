@@ -19,12 +19,18 @@
 #      `outbox`) on 127.0.0.1:$OUTBOX_PG_PORT.
 # Kafka: whatever answers on $KAFKA_BROKERS, else `tansu broker` in memory
 #   mode started in the background (installed with cargo if missing).
+# PostgreSQL for change data capture (exported as CDC_DATABASE_URL): a
+#   private cluster in <repo>/.local/pg-logical with wal_level=logical on
+#   127.0.0.1:$OUTBOX_CDC_PG_PORT (the local server keeps wal_level=replica;
+#   changing that needs a restart of a server this script does not own).
 #
 # Environment knobs:
 #   DATABASE_URL          preferred PostgreSQL URL (used only if it answers)
 #   OUTBOX_SKIP_LOCAL_PG  =1 skips step b (local server on 5432), e.g. to
 #                         force/test the private cluster path
 #   OUTBOX_PG_PORT        port of the private cluster (default 55432)
+#   OUTBOX_CDC_PG_PORT    port of the logical-decoding cluster (default 55433)
+#   OUTBOX_SKIP_CDC_PG    =1 does not start the logical-decoding cluster
 #   KAFKA_BROKERS         host:port of the broker (default 127.0.0.1:9092;
 #                         only the first entry of a comma list is used)
 #   TANSU_VERSION         version for `cargo install` (default 0.6.0)
@@ -45,6 +51,12 @@ TANSU_VERSION="${TANSU_VERSION:-0.6.0}"
 KAFKA_BROKERS="${KAFKA_BROKERS:-127.0.0.1:9092}"
 LOCAL_PG_URL="postgres://postgres@127.0.0.1:5432/test"
 PRIVATE_PG_URL="postgres://postgres@127.0.0.1:${PG_PORT}/outbox"
+PG_OPTS=""
+CDC_PG_PORT="${OUTBOX_CDC_PG_PORT:-55433}"
+CDC_PG_URL="postgres://postgres@127.0.0.1:${CDC_PG_PORT}/outbox"
+# Settings of the logical-decoding cluster: slots for the engine and its
+# tests, and a bound on the WAL a forgotten slot may keep.
+CDC_PG_OPTS="-c wal_level=logical -c max_replication_slots=32 -c max_wal_senders=32 -c max_slot_wal_keep_size=4GB -c autovacuum=off"
 
 log() { printf 'services.sh: %s\n' "$*" >&2; }
 die() { printf 'services.sh: ERROR: %s\n' "$*" >&2; exit 1; }
@@ -217,7 +229,7 @@ start_private_pg() {
     else
         log "postgres: starting private cluster on 127.0.0.1:$PG_PORT (log: $PG_LOG)"
         if ! as_pg "$pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -w -t 60 \
-            -o "-p $PG_PORT -k /tmp -c listen_addresses=127.0.0.1" start \
+            -o "-p $PG_PORT -k /tmp -c listen_addresses=127.0.0.1 $PG_OPTS" start \
             </dev/null 9>&- >&2 2>&1; then
             tail -n 20 "$PG_LOG" >&2 2>/dev/null || true
             die "could not start the private cluster (log above, $PG_LOG); is port $PG_PORT taken? try OUTBOX_PG_PORT=<free port>"
@@ -246,6 +258,58 @@ stop_private_pg() {
     else
         log "postgres: private cluster not running"
     fi
+}
+
+# Runs "$@" with the private-cluster variables pointing at the
+# logical-decoding cluster.
+# The logical cluster's directory: <repo>/.local/pg-logical, unless the
+# `postgres` user cannot reach it (a checkout under a private home), then
+# one under $TMPDIR.
+logical_dir() {
+    local dir="$LOCAL/pg-logical"
+    [[ -f "$dir/data/PG_VERSION" ]] && { printf '%s\n' "$dir"; return 0; }
+    mkdir -p "$dir"
+    if [[ "$(id -u)" -eq 0 ]] && id postgres >/dev/null 2>&1; then
+        chown postgres: "$dir" 2>/dev/null || true
+        if ! as_pg test -w "$dir" 2>/dev/null; then
+            dir="${TMPDIR:-/tmp}/outbox-pg-logical-$(printf '%s' "$ROOT" | cksum | cut -d' ' -f1)"
+            mkdir -p "$dir"
+        fi
+    fi
+    printf '%s\n' "$dir"
+}
+
+with_logical() {
+    PG_DIR="$(logical_dir)"
+    PG_DATA="$PG_DIR/data"
+    PG_LOG="$PG_DIR/log"
+    PG_PORT="$CDC_PG_PORT"
+    PG_OPTS="$CDC_PG_OPTS"
+    "$@"
+}
+
+# wal_level of the server at URL $1 ("" if it does not answer).
+wal_level_of() {
+    PGCONNECT_TIMEOUT=3 "$PSQL" "$1" -XqAt -c 'show wal_level' </dev/null 2>/dev/null || true
+}
+
+start_logical_pg() {
+    # A logical-decoding server given or already running is used as it is.
+    if [[ -n "${CDC_DATABASE_URL:-}" && "$(wal_level_of "$CDC_DATABASE_URL")" == logical ]]; then
+        log "postgres (CDC): using CDC_DATABASE_URL as given"
+        CDC_PG_URL="$CDC_DATABASE_URL"
+        return 0
+    fi
+    if [[ "$(wal_level_of "$CDC_PG_URL")" == logical ]]; then
+        log "postgres (CDC): a wal_level=logical server already answers on 127.0.0.1:$CDC_PG_PORT; using it"
+        return 0
+    fi
+    (with_logical start_private_pg) ||
+        die "could not start the logical-decoding cluster (above); set OUTBOX_SKIP_CDC_PG=1 to go without CDC"
+    local level
+    level="$(PGCONNECT_TIMEOUT=3 "$PSQL" "$CDC_PG_URL" -XqAt -c 'show wal_level' </dev/null)"
+    [[ "$level" == logical ]] ||
+        die "the cluster in $LOCAL/pg-logical answers with wal_level=$level, not logical; run '$0 down' and retry"
 }
 
 # ------------------------------------------------------------------ tansu --
@@ -384,8 +448,13 @@ take_lock() {
 cmd_up() {
     take_lock
     resolve_pg start
+    if [[ "${OUTBOX_SKIP_CDC_PG:-0}" != 1 ]]; then
+        need_psql
+        start_logical_pg
+    fi
     start_tansu
     print_export DATABASE_URL "$DB_URL"
+    [[ "${OUTBOX_SKIP_CDC_PG:-0}" != 1 ]] && print_export CDC_DATABASE_URL "$CDC_PG_URL"
     print_export KAFKA_BROKERS "$(broker_host):$(broker_port)"
 }
 
@@ -396,6 +465,9 @@ cmd_env() {
     else
         log "postgres: nothing running; run '$0 up'"
         rc=1
+    fi
+    if (with_logical private_pg_running) && pg_answers "$CDC_PG_URL"; then
+        print_export CDC_DATABASE_URL "$CDC_PG_URL"
     fi
     if port_open "$(broker_host)" "$(broker_port)"; then
         print_export KAFKA_BROKERS "$(broker_host):$(broker_port)"
@@ -410,6 +482,7 @@ cmd_down() {
     take_lock
     stop_tansu
     stop_private_pg
+    (with_logical stop_private_pg)
 }
 
 main() {

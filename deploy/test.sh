@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-eval "$(deploy/services.sh up)"
+# A failure to bring a service up stops here, with services.sh's message.
+services="$(deploy/services.sh up)"
+eval "$services"
 export OUTBOX_TEST_DATABASE_URL="${OUTBOX_TEST_DATABASE_URL:-$DATABASE_URL}"
+export OUTBOX_TEST_CDC_DATABASE_URL="${OUTBOX_TEST_CDC_DATABASE_URL:-${CDC_DATABASE_URL:-}}"
 echo "tests against DATABASE_URL=$OUTBOX_TEST_DATABASE_URL KAFKA_BROKERS=$KAFKA_BROKERS" >&2
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@"
