@@ -24,7 +24,7 @@ use outbox_harness::node::{log_tail, logging_to};
 use outbox_harness::ordering::{consume_ids, Tally};
 use outbox_harness::pg::PrivatePg;
 use outbox_harness::{
-    brokers, config, config_at, consume, eventually, node_command, owners, spawn_load,
+    brokers, config, config_at, consume, eventually, heavy_turn, node_command, owners, spawn_load,
     spawn_paced_writer, unique_prefix, EngineHandle, Load, TestDb, Written,
 };
 
@@ -205,6 +205,7 @@ async fn check_delivery(prefix: &str, committed: &[Uuid]) -> Tally {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitions_move_from_polling_to_cdc_and_back_under_load_losing_nothing() {
+    let _turn = heavy_turn().await;
     let db = TestDb::new_cdc(4).await;
     let prefix = unique_prefix();
     let c = cdc_config(&db, &prefix, SourceKind::Poll);
@@ -393,6 +394,7 @@ fn spawn_cdc_node(db: &TestDb, id: &str, prefix: &str, log: &Path) -> tokio::pro
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_other_node_takes_the_slot_when_its_holder_is_killed_under_load() {
+    let _turn = heavy_turn().await;
     let db = TestDb::new_cdc(4).await;
     let prefix = unique_prefix();
     let dir = std::env::temp_dir();
@@ -549,6 +551,7 @@ fn cdc_config_at(url: &str, prefix: &str) -> Config {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn everything_committed_streams_in_order_across_a_postgres_restart_under_load() {
+    let _turn = heavy_turn().await;
     let started = Instant::now();
     let mut pg = tokio::task::spawn_blocking(|| PrivatePg::start_with(LOGICAL))
         .await
@@ -665,9 +668,12 @@ async fn published_total(db: &TestDb) -> i64 {
 /// published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn copies_whose_rows_share_an_lsn_are_published_whole_across_an_engine_restart() {
+    let _turn = heavy_turn().await;
     let db = TestDb::new_cdc(4).await;
     let prefix = unique_prefix();
-    let mut c = cdc_config(&db, &prefix, SourceKind::Cdc);
+    // Leases a stall cannot cost: the restart below is graceful, and
+    // nothing may be sent twice.
+    let mut c = outbox_harness::engine::steady(cdc_config(&db, &prefix, SourceKind::Cdc));
     // Small batches, one at a time: 5,000 events take long enough to stop
     // the engine in the middle of them.
     c.relay.batch_size = 25;
@@ -733,6 +739,7 @@ async fn copies_whose_rows_share_an_lsn_are_published_whole_across_an_engine_res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn eight_concurrent_writers_stream_in_order_losing_nothing() {
+    let _turn = heavy_turn().await;
     let (db, prefix, _, engine) = streaming_engine(4).await;
     let stop = CancellationToken::new();
     let writer = spawn_writers(&db.pool, 8, 3, Duration::from_millis(2), stop.clone());

@@ -264,6 +264,7 @@ create table outbox_nodes (node_id text primary key, incarnation uuid not null,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_upgrades_a_version_4_outbox_with_events_pending() {
+    let _turn = heavy_turn().await;
     let db = TestDb::bare().await;
     sqlx::raw_sql(VERSION_4).execute(&db.pool).await.unwrap();
     // Events pending in the old layout, 20 aggregates, seq in position order.
@@ -309,7 +310,9 @@ async fn migrate_upgrades_a_version_4_outbox_with_events_pending() {
     );
 
     let prefix = unique_prefix();
-    let mut node = node_command(&db, "upgraded", &prefix).spawn().unwrap();
+    let mut node = steady_node_command(&db, "upgraded", &prefix)
+        .spawn()
+        .unwrap();
     let topics = [format!("{prefix}order")];
     let wait = Duration::from_secs(60);
     let t = tally(&brokers(), &topics, &ids, wait, Duration::from_secs(1)).await;
@@ -355,6 +358,7 @@ async fn status_json_has_partitions_and_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_drains_and_exits_zero() {
+    let _turn = heavy_turn().await;
     let db = TestDb::new(4).await;
     let prefix = unique_prefix();
     let graceful = || {

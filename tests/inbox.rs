@@ -203,6 +203,7 @@ fn check_exactly_once(model: &HashMap<String, (i64, Option<i64>, i64)>, transact
 /// every event exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_applied_once_across_kill_9_of_engine_and_consumer() {
+    let _turn = heavy_turn().await;
     let group = "rm";
     let (db, prefix, topic, stop, writer, mut node) = relaying().await;
     let mut reader = consumer(&db, &topic, group, 40);
@@ -210,7 +211,13 @@ async fn every_event_applied_once_across_kill_9_of_engine_and_consumer() {
     let start = Instant::now();
     let (mut engine_kills, mut consumer_kills, mut mid_batch) = (0, 0, 0);
     let mut next_engine_kill = Duration::from_secs(3);
-    while start.elapsed() < Duration::from_secs(14) {
+    // 14 s of kills, longer if a loaded machine made the kills too few
+    // (each waits for the consumer to open a transaction).
+    let enough = |engine_kills: usize, consumer_kills: usize, elapsed: Duration| {
+        elapsed >= Duration::from_secs(60)
+            || (elapsed >= Duration::from_secs(14) && engine_kills >= 3 && consumer_kills >= 5)
+    };
+    while !enough(engine_kills, consumer_kills, start.elapsed()) {
         let wait = rand::thread_rng().gen_range(900..1_800);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         // Kill it mid-batch: wait (up to 5 s) until it has a transaction open.
@@ -349,6 +356,7 @@ fn summary(line: &str) -> (u64, u64) {
 /// several instances and applied by exactly one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_of_one_group_overlapping_on_partitions_apply_once() {
+    let _turn = heavy_turn().await;
     let group = "overlap";
     let (db, _, topic, stop, writer, mut node) = relaying().await;
     let first = consumer(&db, &topic, group, 5);

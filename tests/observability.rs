@@ -47,11 +47,13 @@ async fn unexported(port: u16, used: &[(String, String)]) -> (Vec<String>, Strin
 /// away, librdkafka statistics. Its scrape holds each of those names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_exist_with_their_labels_after_a_run() {
+    let _turn = heavy_turn().await;
     let db = TestDb::new(2).await;
     let prefix = unique_prefix();
     let port = free_port();
     let config = poison_config();
-    let mut node = node_command(&db, "m1", &prefix)
+    // Leases a stall cannot cost: the counts below are exact.
+    let mut node = steady_node_command(&db, "m1", &prefix)
         .env("OUTBOX_CONFIG", &config)
         .args(["--http-addr", &format!("127.0.0.1:{port}")])
         .spawn()
@@ -172,6 +174,7 @@ const CDC_PREFIX: &str = "outbox_cdc_";
 /// the slot's state and lag, and one recovery of a dropped slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cdc_metrics_exist_after_a_cdc_run() {
+    let _turn = heavy_turn().await;
     let db = TestDb::new_cdc(2).await;
     let prefix = unique_prefix();
     let port = free_port();

@@ -148,6 +148,7 @@ async fn late_commit_of_an_early_position_is_not_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_aggregate_order_follows_commit_order() {
+    let _turn = heavy_turn().await;
     let db = TestDb::new(4).await;
     let prefix = unique_prefix();
     let mut cfg = config(&db, &prefix);
@@ -209,6 +210,7 @@ async fn per_aggregate_order_follows_commit_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_with_sigkill_loses_nothing() {
+    let _turn = heavy_turn().await;
     let db = TestDb::new(4).await;
     let prefix = unique_prefix();
     let batch_size = 100;
@@ -294,6 +296,7 @@ async fn outbox_bytes(db: &TestDb) -> i64 {
 /// (seen: 1.4 MB to 34 MB in 30 s); with it the size levels off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady_state_does_not_bloat() {
+    let _turn = heavy_turn().await;
     let db = TestDb::new(4).await;
     let prefix = unique_prefix();
     let mut cfg = config(&db, &prefix);

@@ -81,19 +81,42 @@ impl TestDb {
         }
     }
 
-    /// Drops the database (and any inactive replication slot on it); a
-    /// failure is ignored, the server keeps the database.
+    /// Drops the database and the replication slots on it (ending a
+    /// walsender still reading one); a failure is ignored, the server keeps
+    /// the database.
     pub async fn drop_db(self) {
         self.pool.close().await;
         if let Ok(mut admin) = PgConnection::connect(&self.admin).await {
-            // A database with a replication slot cannot be dropped.
-            let _ = sqlx::query(
-                "select pg_drop_replication_slot(slot_name) from pg_replication_slots
-                  where database = $1 and not active",
-            )
-            .bind(&self.name)
-            .execute(&mut admin)
-            .await;
+            // A database with a replication slot cannot be dropped, nor a
+            // slot a walsender still reads: an engine that has just stopped
+            // may leave one ending. End it, then drop the slot (a few
+            // tries: a terminated walsender takes a moment to let go).
+            for _ in 0..25 {
+                let _ = sqlx::query(
+                    "select pg_terminate_backend(active_pid) from pg_replication_slots
+                      where database = $1 and active_pid is not null",
+                )
+                .bind(&self.name)
+                .execute(&mut admin)
+                .await;
+                let _ = sqlx::query(
+                    "select pg_drop_replication_slot(slot_name) from pg_replication_slots
+                      where database = $1 and not active",
+                )
+                .bind(&self.name)
+                .execute(&mut admin)
+                .await;
+                let left: Result<i64, _> = sqlx::query_scalar(
+                    "select count(*) from pg_replication_slots where database = $1",
+                )
+                .bind(&self.name)
+                .fetch_one(&mut admin)
+                .await;
+                if left.map_or(true, |n| n == 0) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
             let _ = sqlx::raw_sql(&format!(
                 "drop database if exists {} with (force)",
                 self.name

@@ -37,6 +37,18 @@ pub fn config_at(url: &str, prefix: &str) -> Config {
     c
 }
 
+/// `c` with the lease timing of [`crate::NodeSpec::steady`]: 10 s leases
+/// renewed every second and the engine's own delivery timeout, for tests
+/// that assert nothing is sent twice across graceful stops.
+pub fn steady(mut c: Config) -> Config {
+    let defaults = Config::default();
+    c.cluster.lease_ttl_ms = 10_000;
+    c.cluster.heartbeat_interval_ms = 1_000;
+    c.kafka.delivery_timeout_ms = defaults.kafka.delivery_timeout_ms;
+    c.validate().expect("steady test config is valid");
+    c
+}
+
 /// An engine node running inside the test process.
 pub struct EngineHandle {
     shutdown: CancellationToken,

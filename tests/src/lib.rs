@@ -56,7 +56,7 @@ pub use engine::{config, config_at, EngineHandle};
 pub use load::{spawn_load, spawn_paced_writer, spawn_writer, Load, Written};
 pub use node::{
     node_command, outbox_at, outbox_binary, outbox_command, run_at, send_signal, signal_pid,
-    stop_node, succeed, NodeSpec,
+    steady_node_command, stop_node, succeed, NodeSpec,
 };
 pub use ops::{free_port, http_get};
 pub use ordering::{lost_and_duplicates, order_violations};
@@ -140,6 +140,17 @@ pub fn workspace_root() -> &'static std::path::Path {
 /// A topic prefix no other test uses.
 pub fn unique_prefix() -> String {
     format!("t{}.", &Uuid::new_v4().simple().to_string()[..10])
+}
+
+/// The turn of a heavy test: tests of one binary that each start several
+/// engine nodes, a writer at full speed, or a service of their own take
+/// turns, so that on a 2-core machine one such test does not starve
+/// another's lease renewals or deliveries. Light tests of the same binary
+/// still run beside them. (Each test binary is a process of its own: the
+/// turn is per binary.)
+pub async fn heavy_turn() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
 }
 
 /// Polls `check` every 200 ms until it holds or `timeout` passes.

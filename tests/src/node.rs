@@ -101,6 +101,25 @@ impl<'a> NodeSpec<'a> {
         }
     }
 
+    /// 10 s leases renewed every second and the engine's own delivery
+    /// timeout: for tests whose handoffs are graceful and which assert that
+    /// nothing is sent twice, so that a stall of a second or two on a
+    /// loaded machine does not cost a lease. A takeover after a crash waits
+    /// out 10 s plus the delivery timeout: not for kill tests.
+    pub fn steady(
+        database_url: &'a str,
+        brokers: &'a str,
+        node_id: &'a str,
+        prefix: &'a str,
+    ) -> NodeSpec<'a> {
+        NodeSpec {
+            lease_ttl_ms: 10_000,
+            heartbeat_ms: 1_000,
+            delivery_timeout_ms: None,
+            ..NodeSpec::new(database_url, brokers, node_id, prefix)
+        }
+    }
+
     /// The command; a test adds its own flags, environment and log
     /// ([`logging_to`]) before it spawns it.
     pub fn command(&self) -> Command {
@@ -118,6 +137,12 @@ impl<'a> NodeSpec<'a> {
 /// broker.
 pub fn node_command(db: &TestDb, node_id: &str, prefix: &str) -> Command {
     NodeSpec::new(&db.url, &brokers(), node_id, prefix).command()
+}
+
+/// [`NodeSpec::steady`]'s command on the test's database and the shared
+/// broker.
+pub fn steady_node_command(db: &TestDb, node_id: &str, prefix: &str) -> Command {
+    NodeSpec::steady(&db.url, &brokers(), node_id, prefix).command()
 }
 
 /// Sends `signal` (`TERM`, `KILL`, `STOP`, `CONT`...) to a process with the
