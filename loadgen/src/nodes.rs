@@ -2,34 +2,42 @@
 //! themselves (drain, suite): `outbox migrate`, N × `outbox run` with their
 //! logs in files, SIGTERM to stop (readiness is read through the engine's
 //! library, in [`crate::engine_state::wait_ready`]).
-//! Signals go through the `kill` command, as in the engine's tests, so
-//! loadgen needs no `unsafe` and no libc binding.
+//!
+//! The processes come from the test harness's launcher
+//! ([`outbox_harness::EngineBinary`], [`outbox_harness::node`]): the same
+//! command, log files and signals as the engine's own tests, with the
+//! engine's production settings (loadgen passes no lease or delivery
+//! timing of its own).
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use outbox_harness::node::{log_tail, logging_to, signal_pid};
+use outbox_harness::EngineBinary;
 use tokio::process::{Child, Command};
 
 use crate::report::EngineSetup;
 
 /// How long a node may take to drain and exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(40);
-/// Environment that would change the engine's configuration behind the
-/// flags loadgen passes.
-const CLEARED_ENV: [&str; 5] = [
+/// The engine's configuration that loadgen sets itself, per node or per
+/// run: the caller's values of these never reach a node. Every other
+/// `OUTBOX_*` variable of loadgen's environment does (e.g.
+/// `OUTBOX_KAFKA__PROPERTIES__LINGER_MS=1`).
+const SET_BY_LOADGEN: [&str; 6] = [
     "OUTBOX_CONFIG",
     "OUTBOX_TOPIC_PREFIX",
     "OUTBOX_NODE_ID",
     "OUTBOX_HTTP_ADDR",
     "OUTBOX_PARTITIONS",
+    "OUTBOX_SCHEMA",
 ];
 
 /// The `outbox` binary.
 #[derive(Debug, Clone)]
 pub struct Engine {
-    pub binary: PathBuf,
+    binary: EngineBinary,
     pub version: String,
 }
 
@@ -45,7 +53,7 @@ pub struct NodeSpec<'a> {
     pub nodes: usize,
     /// Extra `outbox run` flags.
     pub args: &'a [String],
-    /// Where each node's stdout and stderr go, `<log_dir>/<name>-n<i>.log`.
+    /// Where each node's log goes, `<log_dir>/<name>-n<i>.log`.
     pub log_dir: &'a Path,
     pub name: &'a str,
 }
@@ -53,28 +61,24 @@ pub struct NodeSpec<'a> {
 impl Engine {
     /// Checks the binary runs and reads its version.
     pub async fn locate(binary: &Path) -> Result<Self> {
-        let out = Command::new(binary)
-            .arg("--version")
-            .output()
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot run the engine binary {} (build it: cargo build --release -p outbox-engine)",
-                    binary.display()
-                )
-            })?;
-        if !out.status.success() {
-            bail!("{} --version failed", binary.display());
-        }
-        Ok(Self {
-            binary: binary.to_path_buf(),
-            version: String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        })
+        let binary = EngineBinary::at(binary);
+        let version = binary.version().await.with_context(|| {
+            format!(
+                "cannot run the engine binary {} (build it: cargo build --release -p outbox-engine)",
+                binary.path().display()
+            )
+        })?;
+        Ok(Self { binary, version })
+    }
+
+    /// Where the binary is.
+    pub fn binary(&self) -> &Path {
+        self.binary.path()
     }
 
     pub fn setup(&self, spec: &NodeSpec<'_>) -> EngineSetup {
         EngineSetup {
-            binary: self.binary.display().to_string(),
+            binary: self.binary.path().display().to_string(),
             version: self.version.clone(),
             nodes: spec.nodes,
             partitions: spec.partitions,
@@ -84,16 +88,22 @@ impl Engine {
         }
     }
 
+    /// The harness's command ([`EngineBinary::command`]: nothing of the
+    /// engine's configuration inherited, warnings only, killed on drop)
+    /// with the database, the schema, and the caller's `OUTBOX_*` settings
+    /// but those loadgen sets ([`SET_BY_LOADGEN`]).
     fn command(&self, database_url: &str, schema: &str) -> Command {
-        let mut cmd = Command::new(&self.binary);
-        for var in CLEARED_ENV {
-            cmd.env_remove(var);
+        let mut cmd = self.binary.command();
+        for (key, value) in std::env::vars_os() {
+            let passed = key.to_str().is_some_and(|k| {
+                k.starts_with(outbox_engine::config::ENV_PREFIX) && !SET_BY_LOADGEN.contains(&k)
+            });
+            if passed {
+                cmd.env(key, value);
+            }
         }
         cmd.env("DATABASE_URL", database_url)
-            .env("OUTBOX_SCHEMA", schema)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
+            .env("OUTBOX_SCHEMA", schema);
         cmd
     }
 
@@ -122,20 +132,17 @@ impl Engine {
         for i in 1..=spec.nodes {
             let id = format!("{}-n{i}", spec.name);
             let log = spec.log_dir.join(format!("{id}.log"));
-            let file = std::fs::File::create(&log)
-                .with_context(|| format!("creating {}", log.display()))?;
-            let err = file.try_clone().context("log file handle")?;
-            let child = self
-                .command(spec.database_url, spec.schema)
-                .env("KAFKA_BROKERS", spec.kafka_brokers)
+            // A log of this run only (the harness appends).
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+            let mut cmd = self.command(spec.database_url, spec.schema);
+            cmd.env("KAFKA_BROKERS", spec.kafka_brokers)
                 .args(["run", "--node-id", &id, "--http-addr", "127.0.0.1:0"])
                 .args(["--topic-prefix", spec.topic_prefix])
                 .args(["--topic-partitions", &spec.topic_partitions.to_string()])
-                .args(spec.args)
-                .stdout(file)
-                .stderr(err)
+                .args(spec.args);
+            let child = logging_to(&mut cmd, &log)?
                 .spawn()
-                .with_context(|| format!("starting {}", self.binary.display()))?;
+                .with_context(|| format!("starting {}", self.binary.path().display()))?;
             nodes.push(Node { id, child, log });
         }
         Ok(Cluster {
@@ -158,13 +165,6 @@ pub struct Cluster {
     started: Instant,
 }
 
-/// The last `n` lines of a log, for error messages.
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 impl Cluster {
     /// When the nodes were spawned.
     pub fn started(&self) -> Instant {
@@ -179,7 +179,7 @@ impl Cluster {
                     "engine node {} exited ({status}); end of {}:\n{}",
                     n.id,
                     n.log.display(),
-                    tail(&n.log, 10)
+                    log_tail(&n.log, 10)
                 );
             }
         }
@@ -196,9 +196,8 @@ impl Cluster {
     pub async fn stop(mut self) -> Result<()> {
         for n in &self.nodes {
             if let Some(pid) = n.child.id() {
-                let _ = std::process::Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status();
+                // One that has exited already is reported by the wait below.
+                let _ = signal_pid(pid, "TERM");
             }
         }
         let mut problems = Vec::new();
@@ -208,7 +207,7 @@ impl Cluster {
                 Ok(Ok(status)) => problems.push(format!(
                     "{} exited with {status}: {}",
                     n.id,
-                    tail(&n.log, 5)
+                    log_tail(&n.log, 5)
                 )),
                 Ok(Err(e)) => problems.push(format!("{}: {e}", n.id)),
                 Err(_) => {
@@ -227,5 +226,47 @@ impl Cluster {
         } else {
             Err(anyhow!("stopping the engine: {}", problems.join("; ")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::*;
+
+    fn env_of<'c>(cmd: &'c Command, key: &str) -> Option<Option<&'c OsStr>> {
+        cmd.as_std()
+            .get_envs()
+            .find(|(k, _)| *k == OsStr::new(key))
+            .map(|(_, v)| v)
+    }
+
+    #[test]
+    fn nodes_get_the_callers_engine_settings_but_those_loadgen_sets() {
+        // Names no other test reads or writes.
+        std::env::set_var("OUTBOX_LOADGEN_NODES_TEST__PASSED", "1");
+        std::env::set_var("OUTBOX_NODE_ID", "from-the-caller");
+        let engine = Engine {
+            binary: EngineBinary::at("outbox"),
+            version: "outbox test".into(),
+        };
+        let cmd = engine.command("postgres://db/x", "bench");
+        assert_eq!(
+            env_of(&cmd, "OUTBOX_LOADGEN_NODES_TEST__PASSED"),
+            Some(Some(OsStr::new("1")))
+        );
+        // Removed, so the node's own --node-id holds.
+        assert_eq!(env_of(&cmd, "OUTBOX_NODE_ID"), Some(None));
+        assert_eq!(
+            env_of(&cmd, "DATABASE_URL"),
+            Some(Some(OsStr::new("postgres://db/x")))
+        );
+        assert_eq!(
+            env_of(&cmd, "OUTBOX_SCHEMA"),
+            Some(Some(OsStr::new("bench")))
+        );
+        std::env::remove_var("OUTBOX_LOADGEN_NODES_TEST__PASSED");
+        std::env::remove_var("OUTBOX_NODE_ID");
     }
 }
