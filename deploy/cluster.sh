@@ -9,6 +9,11 @@
 # Node i serves /metrics, /healthz, /readyz on 127.0.0.1:$((9190 + i)) (set
 # HTTP_BASE_PORT to move them). Uses DATABASE_URL and KAFKA_BROKERS from the environment (see
 # deploy/services.sh); the schema must be migrated first.
+#
+# This is a person's (and demo.sh's) way to keep nodes running between
+# commands. Programs start nodes through the test harness's launcher
+# (tests/src/node.rs: the integration tests, loadgen drain and suite), whose
+# nodes end with the program that started them.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DIR="$ROOT/.local/cluster"

@@ -11,4 +11,10 @@ eval "$services"
 export OUTBOX_TEST_DATABASE_URL="${OUTBOX_TEST_DATABASE_URL:-$DATABASE_URL}"
 export OUTBOX_TEST_CDC_DATABASE_URL="${OUTBOX_TEST_CDC_DATABASE_URL:-${CDC_DATABASE_URL:-}}"
 echo "tests against DATABASE_URL=$OUTBOX_TEST_DATABASE_URL KAFKA_BROKERS=$KAFKA_BROKERS" >&2
+# What the tests start as processes, built here with the same commands the
+# harness runs (tests/src/binary.rs), so that its own builds find them
+# fresh: no test waits for a compile, nor runs beside one. (A build of one
+# package resolves features apart from the workspace's test build.)
+cargo build -p outbox-engine --bin outbox
+cargo build -p outbox-inbox --features kafka --example read_model
 cargo test --workspace --no-fail-fast "$@"
