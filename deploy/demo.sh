@@ -67,10 +67,7 @@ target/release/loadgen run --rate "$RATE" --duration "$DURATION" --writers 4 \
   --events-per-tx "$EVENTS_PER_TX" --topic-prefix "$prefix" \
   --out bench-results/demo-latest || status=$?
 
+# loadgen printed its summary (also in bench-results/demo-latest/summary.md).
 echo "== after the load" >&2
 target/release/outbox status
-if [[ -f bench-results/demo-latest/summary.md ]]; then
-  echo
-  cat bench-results/demo-latest/summary.md
-fi
 exit "$status"

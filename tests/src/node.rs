@@ -101,22 +101,17 @@ impl<'a> NodeSpec<'a> {
         }
     }
 
-    /// 10 s leases renewed every second and the engine's own delivery
-    /// timeout: for tests whose handoffs are graceful and which assert that
-    /// nothing is sent twice, so that a stall of a second or two on a
-    /// loaded machine does not cost a lease. A takeover after a crash waits
-    /// out 10 s plus the delivery timeout: not for kill tests.
-    pub fn steady(
-        database_url: &'a str,
-        brokers: &'a str,
-        node_id: &'a str,
-        prefix: &'a str,
-    ) -> NodeSpec<'a> {
+    /// This spec with 10 s leases renewed every second and the engine's own
+    /// delivery timeout: for tests whose handoffs are graceful and which
+    /// assert that nothing is sent twice, so that a stall of a second or two
+    /// on a loaded machine does not cost a lease. A takeover after a crash
+    /// waits out 10 s plus the delivery timeout: not for kill tests.
+    pub fn steady(self) -> NodeSpec<'a> {
         NodeSpec {
             lease_ttl_ms: 10_000,
             heartbeat_ms: 1_000,
             delivery_timeout_ms: None,
-            ..NodeSpec::new(database_url, brokers, node_id, prefix)
+            ..self
         }
     }
 
@@ -142,7 +137,9 @@ pub fn node_command(db: &TestDb, node_id: &str, prefix: &str) -> Command {
 /// [`NodeSpec::steady`]'s command on the test's database and the shared
 /// broker.
 pub fn steady_node_command(db: &TestDb, node_id: &str, prefix: &str) -> Command {
-    NodeSpec::steady(&db.url, &brokers(), node_id, prefix).command()
+    NodeSpec::new(&db.url, &brokers(), node_id, prefix)
+        .steady()
+        .command()
 }
 
 /// Sends `signal` (`TERM`, `KILL`, `STOP`, `CONT`...) to a process with the
