@@ -367,13 +367,17 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Defaults, then the file, the environment and flags over it. `run` and
-/// `check-config` validate everything; the other commands only what they use.
-fn load_config(cli: &Cli) -> Result<Layered, ConfigError> {
-    let mut layers = Layers::new();
-    if let Some(path) = &cli.config {
-        layers = layers.file(path)?;
+/// The flags of `run` and `check-config` (the other commands take none).
+fn run_args(cli: &Cli) -> Option<&RunArgs> {
+    match &cli.command {
+        Command::Run(args) | Command::CheckConfig(args) => Some(args),
+        _ => None,
     }
+}
+
+/// The configuration keys the command line sets: the global flags, and
+/// those of [`run_args`].
+fn cli_flags(cli: &Cli) -> Vec<Flag> {
     let mut flags = Vec::new();
     flag(
         &mut flags,
@@ -382,14 +386,24 @@ fn load_config(cli: &Cli) -> Result<Layered, ConfigError> {
         &cli.database_url,
     );
     flag(&mut flags, "database.schema", "--schema", &cli.schema);
-    let run = match &cli.command {
-        Command::Run(args) | Command::CheckConfig(args) => Some(args),
-        _ => None,
-    };
-    if let Some(args) = run {
+    if let Some(args) = run_args(cli) {
         flags.extend(args.flags());
     }
-    let layered = layers.env(std::env::vars_os())?.flags(flags)?.load()?;
+    flags
+}
+
+/// Defaults, then the file, the environment and flags over it. `run` and
+/// `check-config` validate everything; the other commands only what they use.
+fn load_config(cli: &Cli) -> Result<Layered, ConfigError> {
+    let mut layers = Layers::new();
+    if let Some(path) = &cli.config {
+        layers = layers.file(path)?;
+    }
+    let run = run_args(cli);
+    let layered = layers
+        .env(std::env::vars_os())?
+        .flags(cli_flags(cli))?
+        .load()?;
     if run.is_some() {
         layered.validate()?;
     } else {
@@ -680,19 +694,7 @@ mod tests {
     ];
 
     fn flags_of(args: &[&str]) -> Vec<Flag> {
-        let cli = Cli::try_parse_from(args).expect("flags parse");
-        let mut flags = Vec::new();
-        flag(
-            &mut flags,
-            "database.url",
-            "--database-url",
-            &cli.database_url,
-        );
-        flag(&mut flags, "database.schema", "--schema", &cli.schema);
-        if let Command::Run(args) = &cli.command {
-            flags.extend(args.flags());
-        }
-        flags
+        cli_flags(&Cli::try_parse_from(args).expect("flags parse"))
     }
 
     #[test]

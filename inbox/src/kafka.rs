@@ -166,16 +166,14 @@ pub struct Reader {
     pub rewinds: u64,
 }
 
+/// A partition not yet read at or below `committed`; the next rewind goes
+/// `back` further, or nowhere once at the beginning. Dropped from the
+/// reader once the partition has resumed.
 #[derive(Debug, Clone, Copy)]
-enum Resume {
-    /// Not yet at or below `committed`; the next rewind goes `back`
-    /// further, or nowhere once at the beginning.
-    Check {
-        committed: i64,
-        back: i64,
-        at_beginning: bool,
-    },
-    Resumed,
+struct Resume {
+    committed: i64,
+    back: i64,
+    at_beginning: bool,
 }
 
 /// The first rewind after a gap, in offsets.
@@ -203,7 +201,7 @@ impl Reader {
             if let Offset::Offset(o) = e.offset() {
                 resume.insert(
                     (e.topic().to_string(), e.partition()),
-                    Resume::Check {
+                    Resume {
                         committed: o,
                         back: FIRST_REWIND,
                         at_beginning: false,
@@ -232,15 +230,7 @@ impl Reader {
         let mut batch = Batch::default();
         let deadline = loop {
             let first = self.consumer.recv().await?;
-            let (t, p, o) = (first.topic().to_string(), first.partition(), first.offset());
-            if admit(
-                &self.consumer,
-                &mut self.resume,
-                &mut self.rewinds,
-                &t,
-                p,
-                o,
-            )? {
+            if admit(&self.consumer, &mut self.resume, &mut self.rewinds, &first)? {
                 take(&mut batch, &first);
                 break tokio::time::Instant::now() + opts.max_wait;
             }
@@ -248,15 +238,7 @@ impl Reader {
         while batch.events.len() + batch.malformed < opts.max_messages {
             match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Ok(Ok(m)) => {
-                    let (t, p, o) = (m.topic().to_string(), m.partition(), m.offset());
-                    if admit(
-                        &self.consumer,
-                        &mut self.resume,
-                        &mut self.rewinds,
-                        &t,
-                        p,
-                        o,
-                    )? {
+                    if admit(&self.consumer, &mut self.resume, &mut self.rewinds, &m)? {
                         take(&mut batch, &m);
                     }
                 }
@@ -277,30 +259,31 @@ impl Reader {
     }
 }
 
-/// Whether a [`Reader`] takes a message at `offset`; on a gap, seeks
-/// back. On the reader's fields: the consumer stays borrowed by the
-/// message being admitted.
+/// Whether a [`Reader`] takes `message`; on a gap, seeks back. On the
+/// reader's fields: the consumer stays borrowed by the message being
+/// admitted. Once every partition has resumed, `resume` is empty and a
+/// message costs no lookup.
 fn admit(
     consumer: &StreamConsumer,
     resume: &mut HashMap<(String, i32), Resume>,
     rewinds: &mut u64,
-    topic: &str,
-    partition: i32,
-    offset: i64,
+    message: &impl Message,
 ) -> Result<bool, InboxError> {
-    let Some(state) = resume.get_mut(&(topic.to_string(), partition)) else {
+    if resume.is_empty() {
+        return Ok(true);
+    }
+    let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+    let key = (topic.to_string(), partition);
+    let Some(state) = resume.get_mut(&key) else {
         return Ok(true);
     };
-    let Resume::Check {
+    let Resume {
         committed,
         back,
         at_beginning,
-    } = *state
-    else {
-        return Ok(true);
-    };
+    } = *state;
     if offset <= committed {
-        *state = Resume::Resumed;
+        resume.remove(&key);
         return Ok(true);
     }
     if !at_beginning {
@@ -320,7 +303,7 @@ fn admit(
         );
         consumer.seek(topic, partition, to, Duration::from_secs(10))?;
         *rewinds += 1;
-        *state = Resume::Check {
+        *state = Resume {
             committed,
             back: back.saturating_mul(2),
             at_beginning,

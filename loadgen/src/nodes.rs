@@ -21,17 +21,19 @@ use crate::report::EngineSetup;
 
 /// How long a node may take to drain and exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(40);
-/// The engine's configuration that loadgen sets itself, per node or per
-/// run: the caller's values of these never reach a node. Every other
-/// `OUTBOX_*` variable of loadgen's environment does (e.g.
-/// `OUTBOX_KAFKA__PROPERTIES__LINGER_MS=1`).
-const SET_BY_LOADGEN: [&str; 6] = [
-    "OUTBOX_CONFIG",
-    "OUTBOX_TOPIC_PREFIX",
-    "OUTBOX_NODE_ID",
-    "OUTBOX_HTTP_ADDR",
-    "OUTBOX_PARTITIONS",
-    "OUTBOX_SCHEMA",
+/// The configuration keys loadgen sets itself, per node or per run: a
+/// caller's variable for one of these (under any of its names, e.g.
+/// `DATABASE_URL` or `OUTBOX_DATABASE__URL`) never reaches a node. Every
+/// other configuration variable of loadgen's environment does (e.g.
+/// `OUTBOX_KAFKA__PROPERTIES__LINGER_MS=1`); `OUTBOX_CONFIG` does not.
+const SET_BY_LOADGEN: [&str; 7] = [
+    "database.url",
+    "database.schema",
+    "kafka.brokers",
+    "kafka.topic_prefix",
+    "kafka.topic_partitions",
+    "cluster.node_id",
+    "http.addr",
 ];
 
 /// The `outbox` binary.
@@ -90,16 +92,17 @@ impl Engine {
 
     /// The harness's command ([`EngineBinary::command`]: nothing of the
     /// engine's configuration inherited, warnings only, killed on drop)
-    /// with the database, the schema, and the caller's `OUTBOX_*` settings
-    /// but those loadgen sets ([`SET_BY_LOADGEN`]).
+    /// with the database, the schema, and the caller's configuration
+    /// variables but those of the keys loadgen sets ([`SET_BY_LOADGEN`]).
     fn command(&self, database_url: &str, schema: &str) -> Command {
         let mut cmd = self.binary.command();
-        for (key, value) in std::env::vars_os() {
-            let passed = key.to_str().is_some_and(|k| {
-                k.starts_with(outbox_engine::config::ENV_PREFIX) && !SET_BY_LOADGEN.contains(&k)
-            });
+        for (name, value) in std::env::vars_os() {
+            let passed = name
+                .to_str()
+                .and_then(outbox_engine::config::env_key)
+                .is_some_and(|key| !SET_BY_LOADGEN.contains(&key.join(".").as_str()));
             if passed {
-                cmd.env(key, value);
+                cmd.env(name, value);
             }
         }
         cmd.env("DATABASE_URL", database_url)
@@ -247,6 +250,7 @@ mod tests {
         // Names no other test reads or writes.
         std::env::set_var("OUTBOX_LOADGEN_NODES_TEST__PASSED", "1");
         std::env::set_var("OUTBOX_NODE_ID", "from-the-caller");
+        std::env::set_var("OUTBOX_DATABASE__URL", "postgres://elsewhere/y");
         let engine = Engine {
             binary: EngineBinary::at("outbox"),
             version: "outbox test".into(),
@@ -256,8 +260,11 @@ mod tests {
             env_of(&cmd, "OUTBOX_LOADGEN_NODES_TEST__PASSED"),
             Some(Some(OsStr::new("1")))
         );
-        // Removed, so the node's own --node-id holds.
+        // Removed, so the node's own --node-id holds, and its database is
+        // the one loadgen checks (the long form would win over
+        // DATABASE_URL).
         assert_eq!(env_of(&cmd, "OUTBOX_NODE_ID"), Some(None));
+        assert_eq!(env_of(&cmd, "OUTBOX_DATABASE__URL"), Some(None));
         assert_eq!(
             env_of(&cmd, "DATABASE_URL"),
             Some(Some(OsStr::new("postgres://db/x")))
@@ -268,5 +275,6 @@ mod tests {
         );
         std::env::remove_var("OUTBOX_LOADGEN_NODES_TEST__PASSED");
         std::env::remove_var("OUTBOX_NODE_ID");
+        std::env::remove_var("OUTBOX_DATABASE__URL");
     }
 }

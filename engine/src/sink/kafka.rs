@@ -182,10 +182,7 @@ const LOG_INTERVAL_MS: u64 = 5_000;
 impl LogLimiter {
     /// Whether to log now; if so, how many were suppressed since last time.
     fn admit(&self) -> Option<u64> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now = now_ms();
         let last = self.last_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= LOG_INTERVAL_MS
             && self
@@ -541,10 +538,8 @@ impl KafkaSink {
             )));
         }
         if self.config.create_topics && !self.topic_exists(topic).await? {
-            let replication = match self.config.topic_replication {
-                -1 => TopicReplication::Fixed(-1),
-                r => TopicReplication::Fixed(r),
-            };
+            // -1: the broker's default replication factor.
+            let replication = TopicReplication::Fixed(self.config.topic_replication);
             let new = NewTopic::new(topic, self.config.topic_partitions, replication);
             let opts = AdminOptions::new()
                 .operation_timeout(Some(ADMIN_TIMEOUT))

@@ -397,10 +397,11 @@ fn in_progress(snapshot: &str) -> Vec<&str> {
         .unwrap_or_default()
 }
 
-/// Decodes the event columns of a row, starting at column `at`.
-fn decode_event(row: &PgRow, at: usize) -> Result<OutboxEvent, StoreError> {
+/// Decodes the event columns of a row, starting at column `at` (its
+/// `position`, decoded by the caller).
+fn decode_event(row: &PgRow, at: usize, position: i64) -> Result<OutboxEvent, StoreError> {
     Ok(OutboxEvent {
-        position: row.try_get(at)?,
+        position,
         id: row.try_get(at + 1)?,
         aggregate_type: row.try_get(at + 2)?,
         aggregate_id: row.try_get(at + 3)?,
@@ -417,8 +418,8 @@ fn decode_event(row: &PgRow, at: usize) -> Result<OutboxEvent, StoreError> {
 fn decode_events(rows: &[PgRow], at: usize) -> Result<Vec<OutboxEvent>, StoreError> {
     let mut events = Vec::with_capacity(rows.len());
     for row in rows {
-        if row.try_get::<Option<i64>, _>(at)?.is_some() {
-            events.push(decode_event(row, at)?);
+        if let Some(position) = row.try_get::<Option<i64>, _>(at)? {
+            events.push(decode_event(row, at, position)?);
         }
     }
     events.sort_unstable_by_key(|e| (e.position, e.id));
