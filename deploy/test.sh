@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: brings up PostgreSQL and the broker if needed
-# (deploy/services.sh), then unit and integration tests of the workspace.
+# (deploy/services.sh), builds the binaries the tests start (`outbox`, the
+# inbox's read_model example), then unit and integration tests of the
+# workspace.
 # Extra arguments go to `cargo test`, e.g. `deploy/test.sh --test cli`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
