@@ -305,6 +305,98 @@ async fn a_node_id_in_use_by_a_live_process_is_not_taken() {
     db.drop_db().await;
 }
 
+/// The heartbeat and the renewal in one statement: the claims still held
+/// come back, a lost one does not, and nothing is renewed once the
+/// registration is lost.
+#[tokio::test]
+async fn keep_heartbeats_and_renews_only_while_registered() {
+    let db = TestDb::new(2).await;
+    let names = Names::new("public").unwrap();
+    let leases = PgLeaseStore::new(db.pool.clone(), &names);
+    let (a, b) = (member("a"), member("b"));
+    assert_eq!(
+        leases.register(&a, TTL).await.unwrap(),
+        Registration::Registered
+    );
+    let expiry = |p: i32| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, f64>(
+                "select extract(epoch from expires_at - now())::float8 from outbox_leases where partition = $1",
+            )
+            .bind(p)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let short = Duration::from_secs(2);
+    let first = leases
+        .acquire(&a, 0, short, DELIVERY)
+        .await
+        .unwrap()
+        .unwrap()
+        .claim;
+    let second = leases
+        .acquire(&a, 1, short, DELIVERY)
+        .await
+        .unwrap()
+        .unwrap()
+        .claim;
+    assert_eq!(
+        leases.keep(&a, &[first, second], TTL).await.unwrap(),
+        Some(vec![first, second])
+    );
+    assert!(
+        expiry(0).await > 20.0 && expiry(1).await > 20.0,
+        "not renewed"
+    );
+    let node_expiry: f64 = sqlx::query_scalar(
+        "select extract(epoch from expires_at - now())::float8 from outbox_nodes where node_id = 'a'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(node_expiry > 20.0, "no heartbeat: {node_expiry}");
+
+    // b takes partition 1 over: a keeps only partition 0.
+    expire_lease(&db, 1).await;
+    assert!(leases
+        .acquire(&b, 1, TTL, DELIVERY)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        leases.keep(&a, &[first, second], TTL).await.unwrap(),
+        Some(vec![first])
+    );
+    // With no lease to renew, still a heartbeat.
+    assert_eq!(leases.keep(&a, &[], TTL).await.unwrap(), Some(vec![]));
+
+    // a's registration is taken by a new process of the same id: keep says
+    // so, and leaves a's lease to expire.
+    sqlx::query("update outbox_nodes set expires_at = now() - interval '1 second'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "update outbox_leases set expires_at = now() + interval '2 seconds' where partition = 0",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        leases.register(&member("a"), TTL).await.unwrap(),
+        Registration::Registered
+    );
+    assert_eq!(leases.keep(&a, &[first], TTL).await.unwrap(), None);
+    assert!(
+        expiry(0).await < 3.0,
+        "renewed after the registration was lost"
+    );
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn acknowledge_and_fetch_is_fenced_and_leaves_out_what_is_outstanding() {
     let (db, leases, source) = one_partition().await;

@@ -360,3 +360,95 @@ async fn steady_state_does_not_bloat() {
     );
     db.drop_db().await;
 }
+
+/// The node keeps its leases while the runtime its workers run on is busy:
+/// both worker threads of the test's runtime are blocked for 2.5 leases'
+/// time, and the node's heartbeat, on a thread of its own, goes on every
+/// interval meanwhile; no lease changes hands. (With the node on the shared
+/// runtime, its heartbeat stopped for as long as the workers held the
+/// threads: a node draining a 5M backlog lost every lease that way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_kept_while_the_workers_runtime_is_blocked() {
+    let db = TestDb::new(4).await;
+    let prefix = unique_prefix();
+    let cfg = config(&db, &prefix);
+    let (ttl, beat) = (cfg.cluster.lease_ttl(), cfg.cluster.heartbeat_interval());
+    let engine = EngineHandle::start(cfg).await;
+    wait_for_owners(&db, &[("test-node", 4)], Duration::from_secs(20)).await;
+    let epochs = || async {
+        sqlx::query_scalar::<_, i64>("select epoch from outbox_leases order by partition")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+    };
+    let before = epochs().await;
+
+    // An observer on a thread and runtime of its own (the test's runtime
+    // is about to be blocked): every 50 ms, the node's last heartbeat.
+    let url = db.url.clone();
+    let block = ttl.mul_f32(2.5);
+    let observer = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            let started = Instant::now();
+            let mut beats: Vec<(Instant, f64)> = Vec::new();
+            while started.elapsed() < block + Duration::from_secs(1) {
+                let at: f64 = sqlx::query_scalar(
+                    "select extract(epoch from heartbeat_at)::float8 from outbox_nodes
+                      where node_id = 'test-node'",
+                )
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+                if beats.last().is_none_or(|(_, last)| *last != at) {
+                    beats.push((Instant::now(), at));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            beats
+        })
+    });
+    // Both worker threads held, as by workers decoding without a yield.
+    let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let blockers: Vec<_> = (0..2)
+        .map(|_| {
+            let held = std::sync::Arc::clone(&held);
+            tokio::spawn(async move {
+                held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(block);
+            })
+        })
+        .collect();
+    let beats = observer.join().expect("observer");
+    for b in blockers {
+        b.await.unwrap();
+    }
+    assert_eq!(
+        held.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "both worker threads were not held"
+    );
+    let gaps: Vec<Duration> = beats.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    let longest = gaps.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "{} heartbeats in {block:?} of blocked runtime; longest gap {longest:?}",
+        beats.len()
+    );
+    assert!(
+        beats.len() as u32 >= block.as_millis() as u32 / beat.as_millis() as u32 / 2,
+        "too few heartbeats while the runtime was blocked: {}",
+        beats.len()
+    );
+    assert!(
+        longest < ttl / 2,
+        "the heartbeat stopped for {longest:?} while the workers' runtime was blocked"
+    );
+    assert_eq!(epochs().await, before, "a lease changed hands");
+    engine.stop().await;
+    db.drop_db().await;
+}

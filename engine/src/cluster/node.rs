@@ -36,10 +36,23 @@ struct Running {
     releasing: bool,
 }
 
-/// How often a node samples the backlog of the partitions it owns.
+/// How often a node samples the backlog of the partitions it owns, at
+/// most.
 const BACKLOG_SAMPLE_PERIOD: Duration = Duration::from_secs(5);
+/// A sample counts rows, so under a large backlog it takes long (48 s for
+/// 5M events on 2 cores, back to back, one backend busy all the drain long):
+/// the next one waits this many times as long as the last took.
+const BACKLOG_SAMPLE_SPACING: u32 = 20;
 
-async fn sample_backlog<S: EventSource>(source: Arc<S>, partitions: Vec<u32>) {
+/// When the sample that started at `started` and took `took` allows the
+/// next one.
+fn next_sample_at(started: Instant, took: Duration) -> Instant {
+    started + BACKLOG_SAMPLE_PERIOD.max(took * BACKLOG_SAMPLE_SPACING)
+}
+
+/// Samples the backlog gauges; returns how long it took.
+async fn sample_backlog<S: EventSource>(source: Arc<S>, partitions: Vec<u32>) -> Duration {
+    let started = Instant::now();
     match source.backlog(&partitions).await {
         Ok(backlog) => {
             for b in backlog {
@@ -51,6 +64,7 @@ async fn sample_backlog<S: EventSource>(source: Arc<S>, partitions: Vec<u32>) {
         }
         Err(error) => tracing::debug!(%error, "backlog sample failed"),
     }
+    started.elapsed()
 }
 
 /// Everything a node needs to run.
@@ -62,6 +76,9 @@ pub struct Node<S, K, L, D> {
     pub dead_letters: Arc<D>,
     pub relay: RelayConfig,
     pub cluster: ClusterConfig,
+    /// The runtime workers and backlog samples run on (the node itself may
+    /// run on another, see `engine::run`).
+    pub spawner: tokio::runtime::Handle,
 }
 
 /// Share of the TTL a renewal is trusted for, against clock rate drift and
@@ -80,26 +97,27 @@ impl<S: EventSource, K: Sink, L: LeaseStore, D: DeadLetters> Node<S, K, L, D> {
         let mut workers: BTreeMap<u32, Running> = BTreeMap::new();
         let mut tick = tokio::time::interval(self.cluster.heartbeat_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sampler: Option<JoinHandle<()>> = None;
-        let mut last_sample = Instant::now() - BACKLOG_SAMPLE_PERIOD;
+        let mut sampler: Option<(Instant, JoinHandle<Duration>)> = None;
+        let mut next_sample = Instant::now();
         loop {
-            tokio::select! {
+            let due = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            if let Err(error) = self.step(&mut workers, ttl).await {
+                due = tick.tick() => due,
+            };
+            if let Err(error) = self.step(&mut workers, ttl, due).await {
                 tracing::warn!(%error, "cluster step failed; retrying next heartbeat");
             }
             metrics::gauge!(m::LEASES_HELD).set(workers.len() as f64);
-            if last_sample.elapsed() >= BACKLOG_SAMPLE_PERIOD
-                && sampler.as_ref().is_none_or(|s| s.is_finished())
-            {
-                last_sample = Instant::now();
+            if let Some((started, done)) = sampler.take_if(|(_, s)| s.is_finished()) {
+                next_sample = next_sample_at(started, done.await.unwrap_or_default());
+            }
+            if sampler.is_none() && Instant::now() >= next_sample {
                 let owned: Vec<u32> = workers.keys().copied().collect();
-                sampler = Some(tokio::spawn(sample_backlog(
-                    Arc::clone(&self.source),
-                    owned,
-                )));
+                sampler = Some((
+                    Instant::now(),
+                    self.spawner
+                        .spawn(sample_backlog(Arc::clone(&self.source), owned)),
+                ));
             }
             revoke_expired(&workers);
         }
@@ -134,9 +152,14 @@ impl<S: EventSource, K: Sink, L: LeaseStore, D: DeadLetters> Node<S, K, L, D> {
         &self,
         workers: &mut BTreeMap<u32, Running>,
         ttl: Duration,
+        due: Instant,
     ) -> Result<(), StoreError> {
-        self.reap(workers).await;
-        if !self.leases.heartbeat(&self.member, ttl).await? {
+        let mut stages = Stages::new(due);
+        stages.mark("wake");
+        // The renewal first: everything else can wait a heartbeat.
+        let alive = self.keep(workers, ttl).await?;
+        stages.mark("renew");
+        if !alive {
             tracing::error!(node = %self.member.node_id, "registration lost; revoking all workers and registering again");
             for w in workers.values() {
                 w.signals.revoke.cancel();
@@ -144,11 +167,13 @@ impl<S: EventSource, K: Sink, L: LeaseStore, D: DeadLetters> Node<S, K, L, D> {
             self.leases.register(&self.member, ttl).await?;
             return Ok(());
         }
-        self.renew(workers, ttl).await?;
+        self.reap(workers).await;
+        stages.mark("reap");
 
         let live = self.leases.live_nodes().await?;
         let view = self.leases.leases().await?;
         let slot_owner = self.leases.slot_owner().await?;
+        stages.mark("view");
         let plan = assignment::plan(&live, &self.member.node_id, &view, slot_owner.as_deref());
         for p in plan.release {
             if let Some(w) = workers.get_mut(&p) {
@@ -176,23 +201,28 @@ impl<S: EventSource, K: Sink, L: LeaseStore, D: DeadLetters> Node<S, K, L, D> {
                 workers.insert(p, self.spawn(acquired, asked));
             }
         }
+        stages.mark("acquire");
+        stages.report(self.cluster.heartbeat_interval());
         Ok(())
     }
 
-    /// Renews the leases of `workers`; extends the deadlines of those
-    /// renewed, revokes the others.
-    async fn renew(
+    /// Heartbeats and renews the leases of `workers`; extends the deadlines
+    /// of those renewed, revokes the others. False if the registration was
+    /// lost (nothing renewed then).
+    async fn keep(
         &self,
         workers: &mut BTreeMap<u32, Running>,
         ttl: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let held: Vec<Claim> = workers
             .values()
             .filter(|w| !w.signals.revoke.is_cancelled())
             .map(|w| w.claim)
             .collect();
         let asked = Instant::now();
-        let renewed = self.leases.renew(&self.member, &held, ttl).await?;
+        let Some(renewed) = self.leases.keep(&self.member, &held, ttl).await? else {
+            return Ok(false);
+        };
         let valid_until = asked + ttl.mul_f32(TRUSTED_TTL_SHARE);
         for (p, w) in workers.iter_mut() {
             if renewed.iter().any(|c| c == &w.claim) {
@@ -208,7 +238,7 @@ impl<S: EventSource, K: Sink, L: LeaseStore, D: DeadLetters> Node<S, K, L, D> {
                 w.signals.revoke.cancel();
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn spawn(&self, acquired: Acquired, asked: Instant) -> Running {
@@ -229,7 +259,7 @@ impl<S: EventSource, K: Sink, L: LeaseStore, D: DeadLetters> Node<S, K, L, D> {
             Arc::clone(&self.sink),
             Arc::clone(&self.dead_letters),
         );
-        let handle = tokio::spawn(worker.run(signals.clone()));
+        let handle = self.spawner.spawn(worker.run(signals.clone()));
         Running {
             claim,
             signals,
@@ -313,11 +343,10 @@ impl<S: EventSource, K: Sink, L: LeaseStore, D: DeadLetters> Node<S, K, L, D> {
             tokio::select! {
                 _ = finished => {}
                 _ = tick.tick() => {
-                    if let Err(error) = self.leases.heartbeat(&self.member, ttl).await {
-                        tracing::warn!(%error, "heartbeat failed while draining");
-                    }
-                    if let Err(error) = self.renew(&mut workers, ttl).await {
-                        tracing::warn!(%error, "lease renewal failed while draining");
+                    match self.keep(&mut workers, ttl).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!("registration lost while draining"),
+                        Err(error) => tracing::warn!(%error, "lease renewal failed while draining"),
                     }
                     revoke_expired(&workers);
                 }
@@ -342,6 +371,44 @@ impl<S: EventSource, K: Sink, L: LeaseStore, D: DeadLetters> Node<S, K, L, D> {
     }
 }
 
+/// How long each stage of a heartbeat step took, logged when the step ran
+/// longer than a heartbeat interval: a renewal that comes late revokes
+/// every worker, and this says which stage made it late.
+struct Stages {
+    start: Instant,
+    last: Instant,
+    took: Vec<(&'static str, Duration)>,
+}
+
+impl Stages {
+    /// From `due`, when the step should have started.
+    fn new(due: Instant) -> Self {
+        Self {
+            start: due,
+            last: due,
+            took: Vec::with_capacity(6),
+        }
+    }
+
+    fn mark(&mut self, stage: &'static str) {
+        let now = Instant::now();
+        self.took.push((stage, now - self.last));
+        self.last = now;
+    }
+
+    fn report(&self, budget: Duration) {
+        let total = self.last - self.start;
+        if total > budget {
+            let stages: Vec<String> = self
+                .took
+                .iter()
+                .map(|(stage, d)| format!("{stage}={}ms", d.as_millis()))
+                .collect();
+            tracing::warn!(took = ?total, stages = %stages.join(" "), "slow heartbeat step");
+        }
+    }
+}
+
 /// Leases not renewed in time may have moved: stop acting on them.
 fn revoke_expired(workers: &BTreeMap<u32, Running>) {
     for (p, w) in workers {
@@ -350,5 +417,25 @@ fn revoke_expired(workers: &BTreeMap<u32, Running>) {
             tracing::warn!(partition = p, "lease not renewed in time; revoking worker");
             w.signals.revoke.cancel();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_backlog_sample_spaces_out_the_next() {
+        let started = Instant::now();
+        // Fast samples keep the period.
+        assert_eq!(
+            next_sample_at(started, Duration::from_millis(30)),
+            started + BACKLOG_SAMPLE_PERIOD
+        );
+        // A sample that took 48 s (a 5M backlog) leaves the next for 16 min.
+        assert_eq!(
+            next_sample_at(started, Duration::from_secs(48)),
+            started + Duration::from_secs(48 * 20)
+        );
     }
 }

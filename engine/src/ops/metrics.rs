@@ -112,7 +112,7 @@ fn describe() {
     describe_counter!(STORE_ERRORS, "Database errors in the relay, by operation.");
     describe_gauge!(
         PENDING_EVENTS,
-        "Events waiting in an owned partition (capped at 1,000,000)."
+        "Events waiting in an owned partition (counted up to 100,000; sampled every 5 s, less often while a count takes long)."
     );
     describe_gauge!(
         OLDEST_AGE_SECONDS,

@@ -121,12 +121,15 @@ impl PgDeadLetters {
     pub fn new(pool: PgPool, names: &Names) -> Self {
         let leases = names.table("outbox_leases");
         let dead = names.table("outbox_dead_letters");
-        // Fenced like an acknowledgement: a stale owner parks nothing.
+        // Fenced like an acknowledgement: a stale owner parks nothing. The
+        // lease row is locked `for key share`: a takeover (`for update`)
+        // waits for the park to commit, a renewal (an update of no key
+        // column) does not.
         let park = format!(
             "with fence as (
                 select 1 from {leases}
                  where partition = $1 and epoch = $2 and incarnation = $3
-                 for share
+                 for key share
              ), parked as (
                 insert into {dead} (event_id, partition, position, aggregate_type, aggregate_id,
                     event_type, payload, headers, topic, created_at, error, attempts,

@@ -19,6 +19,7 @@ struct Sql {
     leases: String,
     acquire: String,
     renew: String,
+    keep: String,
     release: String,
     deregister: String,
     slot_owner: String,
@@ -89,6 +90,25 @@ impl PgLeaseStore {
                 "update {leases} set expires_at = now() + $3 * interval '1 millisecond'
                   where partition = any($1) and incarnation = $2
                  returning partition, epoch, mode"
+            ),
+            // The heartbeat and the renewal in one statement (one commit),
+            // the renewal only if the registration held. The first column
+            // says whether it did; a row per lease renewed (none: null).
+            keep: format!(
+                "with hb as (
+                    update {nodes} set heartbeat_at = now(),
+                           expires_at = now() + $3 * interval '1 millisecond'
+                     where node_id = $1 and incarnation = $2
+                    returning 1
+                 ),
+                 r as (
+                    update {leases} set expires_at = now() + $3 * interval '1 millisecond'
+                     where partition = any($4) and incarnation = $2
+                       and exists (select 1 from hb)
+                    returning partition, epoch, mode
+                 )
+                 select exists (select 1 from hb), r.partition, r.epoch, r.mode
+                   from (select 1) one left join r on true"
             ),
             release: format!(
                 "update {leases} set owner = null, expires_at = null,
@@ -223,6 +243,42 @@ impl LeaseStore for PgLeaseStore {
                 })
             })
             .collect()
+    }
+
+    async fn keep(
+        &self,
+        member: &Member,
+        claims: &[Claim],
+        ttl: Duration,
+    ) -> Result<Option<Vec<Claim>>, StoreError> {
+        let partitions: Vec<i32> = claims.iter().map(|c| c.partition as i32).collect();
+        let rows = sqlx::query(&self.sql.keep)
+            .bind(&member.node_id)
+            .bind(member.incarnation)
+            .bind(millis(ttl))
+            .bind(&partitions)
+            .fetch_all(&self.pool)
+            .await?;
+        let registered = match rows.first() {
+            Some(r) => r.try_get::<bool, _>(0)?,
+            None => return Err(StoreError::Schema("lease renewal returned no row".into())),
+        };
+        if !registered {
+            return Ok(None);
+        }
+        let mut renewed = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let Some(partition) = r.try_get::<Option<i32>, _>(1)? else {
+                continue;
+            };
+            renewed.push(Claim {
+                partition: partition as u32,
+                epoch: r.try_get(2)?,
+                incarnation: member.incarnation,
+                mode: Mode::from_db(r.try_get::<Option<&str>, _>(3)?)?,
+            });
+        }
+        Ok(Some(renewed))
     }
 
     async fn release(&self, claim: &Claim, quiet: Duration) -> Result<(), StoreError> {

@@ -34,6 +34,9 @@ use crate::store::Names;
 
 /// Backlog counts stop here, so sampling a huge backlog stays cheap.
 pub const BACKLOG_COUNT_CAP: i64 = 1_000_000;
+/// The backlog a node samples for its gauges, counted up to this many
+/// events per partition: the count reads every row it counts.
+pub const SAMPLE_COUNT_CAP: i64 = 100_000;
 
 /// The event columns, in the order [`decode_event`] reads them.
 const COLUMNS: &str = "o.position, o.id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload, \
@@ -270,7 +273,7 @@ impl PgSource {
                 "select l.partition, count(b.*), extract(epoch from now() - min(b.created_at))::float8
                    from {leases} l
                    left join lateral (
-                      select p.created_at from {pending} p limit {BACKLOG_COUNT_CAP}
+                      select p.created_at from {pending} p limit {SAMPLE_COUNT_CAP}
                    ) b on true
                   where l.partition = any($1)
                   group by l.partition",
