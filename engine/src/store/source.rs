@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::TryStreamExt;
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::Row;
 use uuid::Uuid;
@@ -229,7 +230,7 @@ impl PgSource {
             format!(
                 "with {lease},
                  next as (
-                    select {COLUMNS} from unnest($4::text[]::xid8[]) t(txid)
+                    select {COLUMNS} from unnest($4::int8[]::text[]::xid8[]) t(txid)
                      cross join lateral (
                         select o.* from {outbox} o
                          where o.shard = $1 and o.txid = t.txid
@@ -254,7 +255,7 @@ impl PgSource {
             keys: format!(
                 "with w as (select $2::text::pg_snapshot as lo, $3::text::pg_snapshot as hi),
                  {cand}
-                 select o.position, o.id, o.txid::text from cand o, w
+                 select o.position, o.id, o.txid::text::int8 from cand o, w
                   where {in_window} and (o.position, o.id) > ($4, $5)
                   order by o.position, o.id",
                 cand = candidates("$2", "$3::text::pg_snapshot", "$6")
@@ -500,7 +501,7 @@ struct Open {
     /// A fetch filled a whole batch: the rest is read by its keys.
     big: bool,
     /// The window's remaining keys (position, id, txid), once read.
-    keys: Option<VecDeque<(i64, Uuid, String)>>,
+    keys: Option<VecDeque<(i64, Uuid, i64)>>,
 }
 
 /// One claim's reader of a shard.
@@ -676,26 +677,27 @@ impl PgReader {
             return Err(StoreError::Schema("no window to read by keys".into()));
         };
         if open.keys.is_none() {
-            let rows = sqlx::query(&shared.sql.keys)
+            // Decoded as they arrive (a 5M backlog's window holds 312K keys
+            // a shard: as rows, hundreds of MB across the shards at once).
+            let mut rows = sqlx::query_as::<_, (i64, Uuid, i64)>(&shared.sql.keys)
                 .bind(self.claim.partition as i32)
                 .bind(&*open.window.lo)
                 .bind(&*open.window.hi)
                 .bind(open.after.0)
                 .bind(open.after.1)
                 .bind(in_progress(&open.window.lo))
-                .fetch_all(&shared.pool)
-                .await?;
-            let mut keys = VecDeque::with_capacity(rows.len());
-            for r in &rows {
-                keys.push_back((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?));
+                .fetch(&shared.pool);
+            let mut keys = VecDeque::new();
+            while let Some(key) = rows.try_next().await? {
+                keys.push_back(key);
             }
             open.keys = Some(keys);
         }
         // Taken off the window only once their rows were read.
-        let keys: Vec<(i64, Uuid, String)> = open
+        let keys: Vec<(i64, Uuid, i64)> = open
             .keys
             .as_ref()
-            .map(|k| k.iter().take(limit).cloned().collect())
+            .map(|k| k.iter().take(limit).copied().collect())
             .unwrap_or_default();
         let window = Arc::clone(&open.window);
         let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
@@ -704,7 +706,7 @@ impl PgReader {
             self.next_lo = Arc::clone(&window.hi);
             return self.fetch_direct(limit, ack).await;
         };
-        let mut txids: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+        let mut txids: Vec<i64> = keys.iter().map(|k| k.2).collect();
         txids.sort_unstable();
         txids.dedup();
         let sql = match ack {
