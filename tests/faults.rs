@@ -50,7 +50,13 @@ const RETRY_MAX_MS: u64 = 5_000;
 /// backoff of these tests, logging to `log`, its operations endpoint on
 /// `http_port` (0: any).
 fn spawn_node(spec: &NodeSpec, log: &Path, http_port: u16) -> Child {
+    spawn_node_with(spec, log, http_port, &[])
+}
+
+/// [`spawn_node`] with more configuration variables.
+fn spawn_node_with(spec: &NodeSpec, log: &Path, http_port: u16, env: &[(&str, &str)]) -> Child {
     let mut cmd = spec.command();
+    cmd.envs(env.iter().copied());
     logging_to(&mut cmd, log)
         .expect("the node's log file")
         .args(["--batch-size", &BATCH.to_string()])
@@ -473,7 +479,12 @@ async fn database_cut() {
     let log = log_path("faults-database_cut");
     let brokers = brokers();
     let spec = NodeSpec::new(&proxied_url, &brokers, "cut", &prefix);
-    let mut node = spawn_node(&spec, &log, 0);
+    // A caught-up worker fetches when its doorbell rings, and the doorbell
+    // cannot ring while the database is cut: with the default 2 s idle
+    // poll, every worker was revoked (at 0.9 of the 2 s lease) before it
+    // tried the database at all. Looking every 100 ms, each tries, fails
+    // and backs off in the cut's first seconds, which is what is checked.
+    let mut node = spawn_node_with(&spec, &log, 0, &[("OUTBOX_RELAY__IDLE_POLL_MS", "100")]);
     let pid = node.id().expect("pid");
     let spread = wait_for_owners(&db, &[("cut", PARTITIONS as i64)], Duration::from_secs(20)).await;
     assert_eq!(spread.get("cut"), Some(&(PARTITIONS as i64)), "{spread:?}");
