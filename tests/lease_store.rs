@@ -18,8 +18,18 @@ const TTL: Duration = Duration::from_secs(30);
 const DELIVERY: Duration = Duration::from_secs(4);
 
 async fn take(leases: &PgLeaseStore, m: &Member) -> Option<Claim> {
+    take_for(leases, m, 0, TTL).await
+}
+
+/// [`take`] of `partition` for `ttl`.
+async fn take_for(
+    leases: &PgLeaseStore,
+    m: &Member,
+    partition: u32,
+    ttl: Duration,
+) -> Option<Claim> {
     leases
-        .acquire(m, 0, TTL, DELIVERY)
+        .acquire(m, partition, ttl, DELIVERY)
         .await
         .unwrap()
         .map(|a| a.claim)
@@ -331,18 +341,8 @@ async fn keep_heartbeats_and_renews_only_while_registered() {
         }
     };
     let short = Duration::from_secs(2);
-    let first = leases
-        .acquire(&a, 0, short, DELIVERY)
-        .await
-        .unwrap()
-        .unwrap()
-        .claim;
-    let second = leases
-        .acquire(&a, 1, short, DELIVERY)
-        .await
-        .unwrap()
-        .unwrap()
-        .claim;
+    let first = take_for(&leases, &a, 0, short).await.unwrap();
+    let second = take_for(&leases, &a, 1, short).await.unwrap();
     assert_eq!(
         leases.keep(&a, &[first, second], TTL).await.unwrap(),
         Some(vec![first, second])
@@ -361,11 +361,7 @@ async fn keep_heartbeats_and_renews_only_while_registered() {
 
     // b takes partition 1 over: a keeps only partition 0.
     expire_lease(&db, 1).await;
-    assert!(leases
-        .acquire(&b, 1, TTL, DELIVERY)
-        .await
-        .unwrap()
-        .is_some());
+    assert!(take_for(&leases, &b, 1, TTL).await.is_some());
     assert_eq!(
         leases.keep(&a, &[first, second], TTL).await.unwrap(),
         Some(vec![first])

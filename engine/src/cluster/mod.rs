@@ -86,22 +86,16 @@ pub trait LeaseStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> impl Future<Output = Result<Vec<Claim>, StoreError>> + Send;
 
-    /// [`heartbeat`](Self::heartbeat) and [`renew`](Self::renew) at once
-    /// (one round trip and one commit where the store can): `None` if the
-    /// registration was lost, else the claims renewed.
+    /// [`heartbeat`](Self::heartbeat), then [`renew`](Self::renew) if the
+    /// registration held, as one atomic step (what a node does every
+    /// heartbeat): `None` if the registration was lost (nothing renewed),
+    /// else the claims renewed.
     fn keep(
         &self,
         member: &Member,
         claims: &[Claim],
         ttl: Duration,
-    ) -> impl Future<Output = Result<Option<Vec<Claim>>, StoreError>> + Send {
-        async move {
-            if !self.heartbeat(member, ttl).await? {
-                return Ok(None);
-            }
-            self.renew(member, claims, ttl).await.map(Some)
-        }
-    }
+    ) -> impl Future<Output = Result<Option<Vec<Claim>>, StoreError>> + Send;
 
     /// Gives a lease up (only if `claim` still holds it). `quiet` is how
     /// long messages sent under it may still land (zero once every one of

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgPool, PgRow};
 use sqlx::Row;
 
 use crate::cluster::{Acquired, LeaseStore, LeaseView, Member, Registration};
@@ -34,6 +34,21 @@ impl PgLeaseStore {
     pub fn new(pool: PgPool, names: &Names) -> Self {
         let nodes = names.table("outbox_nodes");
         let leases = names.table("outbox_leases");
+        // The heartbeat's and the renewal's updates, with their parameters
+        // named by the caller: `keep` runs both in one statement.
+        let touch_node = |node: &str, incarnation: &str, ttl: &str| {
+            format!(
+                "update {nodes} set heartbeat_at = now(),
+                        expires_at = now() + {ttl} * interval '1 millisecond'
+                  where node_id = {node} and incarnation = {incarnation}"
+            )
+        };
+        let extend_leases = |partitions: &str, incarnation: &str, ttl: &str| {
+            format!(
+                "update {leases} set expires_at = now() + {ttl} * interval '1 millisecond'
+                  where partition = any({partitions}) and incarnation = {incarnation}"
+            )
+        };
         let sql = Sql {
             register: format!(
                 "insert into {nodes} as n (node_id, incarnation, expires_at)
@@ -48,11 +63,7 @@ impl PgLeaseStore {
                 "select greatest(extract(epoch from expires_at - now()), 0)::float8
                  from {nodes} where node_id = $1"
             ),
-            heartbeat: format!(
-                "update {nodes} set heartbeat_at = now(),
-                        expires_at = now() + $3 * interval '1 millisecond'
-                 where node_id = $1 and incarnation = $2"
-            ),
+            heartbeat: touch_node("$1", "$2", "$3"),
             live_nodes: format!(
                 "select node_id from {nodes} where expires_at > now() order by node_id"
             ),
@@ -87,28 +98,19 @@ impl PgLeaseStore {
                            l.mode"
             ),
             renew: format!(
-                "update {leases} set expires_at = now() + $3 * interval '1 millisecond'
-                  where partition = any($1) and incarnation = $2
-                 returning partition, epoch, mode"
+                "{} returning partition, epoch, mode",
+                extend_leases("$1", "$2", "$3")
             ),
             // The heartbeat and the renewal in one statement (one commit),
             // the renewal only if the registration held. The first column
             // says whether it did; a row per lease renewed (none: null).
             keep: format!(
-                "with hb as (
-                    update {nodes} set heartbeat_at = now(),
-                           expires_at = now() + $3 * interval '1 millisecond'
-                     where node_id = $1 and incarnation = $2
-                    returning 1
-                 ),
-                 r as (
-                    update {leases} set expires_at = now() + $3 * interval '1 millisecond'
-                     where partition = any($4) and incarnation = $2
-                       and exists (select 1 from hb)
-                    returning partition, epoch, mode
-                 )
+                "with hb as ({} returning 1),
+                 r as ({} and exists (select 1 from hb) returning partition, epoch, mode)
                  select exists (select 1 from hb), r.partition, r.epoch, r.mode
-                   from (select 1) one left join r on true"
+                   from (select 1) one left join r on true",
+                touch_node("$1", "$2", "$3"),
+                extend_leases("$4", "$2", "$3")
             ),
             release: format!(
                 "update {leases} set owner = null, expires_at = null,
@@ -132,6 +134,21 @@ pub const TAKEOVER_MARGIN: Duration = Duration::from_secs(2);
 
 fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// The claim of a row `partition, epoch, mode` starting at column `at`
+/// that a renewal returned; `None` for the null row of a renewal that
+/// renewed nothing.
+fn renewed_claim(row: &PgRow, at: usize, member: &Member) -> Result<Option<Claim>, StoreError> {
+    let Some(partition) = row.try_get::<Option<i32>, _>(at)? else {
+        return Ok(None);
+    };
+    Ok(Some(Claim {
+        partition: partition as u32,
+        epoch: row.try_get(at + 1)?,
+        incarnation: member.incarnation,
+        mode: Mode::from_db(row.try_get::<Option<&str>, _>(at + 2)?)?,
+    }))
 }
 
 impl LeaseStore for PgLeaseStore {
@@ -234,14 +251,7 @@ impl LeaseStore for PgLeaseStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
-            .map(|r| {
-                Ok(Claim {
-                    partition: r.try_get::<i32, _>(0)? as u32,
-                    epoch: r.try_get(1)?,
-                    incarnation: member.incarnation,
-                    mode: Mode::from_db(r.try_get::<Option<&str>, _>(2)?)?,
-                })
-            })
+            .filter_map(|r| renewed_claim(r, 0, member).transpose())
             .collect()
     }
 
@@ -266,18 +276,10 @@ impl LeaseStore for PgLeaseStore {
         if !registered {
             return Ok(None);
         }
-        let mut renewed = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let Some(partition) = r.try_get::<Option<i32>, _>(1)? else {
-                continue;
-            };
-            renewed.push(Claim {
-                partition: partition as u32,
-                epoch: r.try_get(2)?,
-                incarnation: member.incarnation,
-                mode: Mode::from_db(r.try_get::<Option<&str>, _>(3)?)?,
-            });
-        }
+        let renewed = rows
+            .iter()
+            .filter_map(|r| renewed_claim(r, 1, member).transpose())
+            .collect::<Result<_, _>>()?;
         Ok(Some(renewed))
     }
 
